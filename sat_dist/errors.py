@@ -1,0 +1,26 @@
+"""Errors a user can hit. Each message names the file, the tensor and what to do; the agreement
+step adds the failing rank(s) and re-raises the same GroupLoadError on every rank."""
+
+
+class SatDistError(Exception):
+    """Base class: anything sat_dist raises on purpose."""
+
+
+class ConfigError(SatDistError):
+    """Bad or inconsistent configuration (found before any byte is read)."""
+
+
+class CheckpointError(SatDistError):
+    """The checkpoint on disk is missing, malformed, unsafe, or disagrees with the model."""
+
+
+class PlanError(SatDistError):
+    """The read plan would not cover every local element exactly once."""
+
+
+class GroupLoadError(SatDistError):
+    """Raised identically on every rank when any rank failed."""
+
+    def __init__(self, message: str, failures: dict):
+        super().__init__(message)
+        self.failures = failures  # rank -> "ErrorType: message"

@@ -1,0 +1,44 @@
+"""Checkpoint readers. Each turns a path into a CheckpointIndex without reading tensor data."""
+from .index import CheckpointIndex, Piece
+from .torchfile import StoredTensor
+
+__all__ = ["CheckpointIndex", "Piece", "StoredTensor"]
+
+from typing import Callable, Mapping, Optional
+
+from ..errors import CheckpointError
+from . import sat as _sat
+
+# A reader: (root, specs, tp, tp_rank, tag, prefix) -> (index, preferred files) or None when the
+# folder is not its format. Tried in order; other formats (DeepSpeed ZeRO, ...) insert themselves.
+Reader = Callable[..., Optional[tuple]]
+
+
+def _read_sat(root, specs, tp, tp_rank, tag=None, prefix=""):
+    if not _sat.is_sat_checkpoint(root):
+        return None
+    from ..plan import files_needed
+
+    ckpt = _sat.discover(root, tag)
+    ranks = files_needed(specs, ckpt.mp_size, tp, tp_rank)
+    index = _sat.index_files(ckpt, specs, ranks, prefix)
+    return index, [ckpt.files[r] for r in ranks]
+
+
+READERS: list[Reader] = [_read_sat]
+
+
+def open_index(root: str, specs: Mapping, tp: int, tp_rank: int, tag: Optional[str] = None, prefix: str = ""):
+    """Index only the files this rank needs, with whichever reader recognises `root`."""
+    import os
+
+    if not os.path.exists(root):
+        raise CheckpointError(f"checkpoint path {root} does not exist")
+    for reader in READERS:
+        found = reader(root, specs, tp, tp_rank, tag, prefix)
+        if found is not None:
+            return found
+    raise CheckpointError(
+        f"{root}: no 'latest' file and no known checkpoint layout (SAT mp_rank_XX_model_states.pt"
+        f"{', DeepSpeed' if len(READERS) > 1 else ''}); pass the folder that holds 'latest'"
+    )

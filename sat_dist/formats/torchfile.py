@@ -1,0 +1,129 @@
+"""Read a torch zip checkpoint's structure (names, shapes, dtypes, byte offsets) without its data.
+
+`torch.load(weights_only=True)` runs under FakeTensorMode: torch's own restricted unpickler parses
+`data.pkl` and every tensor comes back as a FakeTensor whose storage carries `_checkpoint_offset`,
+the byte offset of its data in the file. No tensor byte is read (measured: 22 KB of I/O for a
+64 MB file), so any rank can index any file cheaply and then pread exactly what it planned.
+Unknown pickled globals are refused by name; the allow-list below is the only extension point.
+"""
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+from ..errors import CheckpointError
+
+Shape = tuple[int, ...]
+
+
+def _numpy_globals() -> list[Any]:
+    """numpy objects that SAT training saves pickle in `np_rng_state` (numpy 1.x and 2.x names)."""
+    import numpy as np
+
+    out: list[Any] = [np.ndarray, np.dtype]
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    out.append(_reconstruct)
+    out.extend(type(np.dtype(c)) for c in "?bBhHiIlLqQefdgFDGUSO")  # numpy.dtypes.*DType
+    return out
+
+
+# Providers of allowed globals, by name. Other formats (e.g. DeepSpeed stubs) append here.
+ALLOWED_GLOBAL_PROVIDERS: dict[str, Callable[[], list[Any]]] = {"numpy rng state": _numpy_globals}
+
+
+def allowed_globals() -> list[Any]:
+    out: list[Any] = []
+    for provider in ALLOWED_GLOBAL_PROVIDERS.values():
+        out.extend(provider())
+    return out
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one saved tensor's elements live in its file."""
+
+    file: str
+    byte_offset: int  # file offset of element (0, ..., 0)
+    dtype: torch.dtype
+    shape: Shape
+    stride: Shape
+
+    @property
+    def itemsize(self) -> int:
+        return self.dtype.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * self.itemsize
+
+    def extent_bytes(self) -> int:
+        """Bytes from byte_offset to the last element's end (what must exist in the file)."""
+        if any(s == 0 for s in self.shape):
+            return 0
+        last = sum((s - 1) * st for s, st in zip(self.shape, self.stride))
+        return (last + 1) * self.itemsize
+
+
+def load_structure(path: str) -> Any:
+    """Unpickle `path` with tensors replaced by FakeTensors; raises CheckpointError naming the
+    file and any disallowed global."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{path} is not a torch zip checkpoint (legacy serialization or truncated/corrupt file); "
+            f"sat_dist reads byte ranges and needs torch.save's default zip format: re-save it with torch.save"
+        )
+    try:
+        with torch.serialization.safe_globals(allowed_globals()), FakeTensorMode():
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        text = str(exc)
+        if "Unsupported global" in text or "weights_only" in text.lower():
+            try:
+                names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            except Exception:  # pragma: no cover - best effort naming
+                names = []
+            allowed = {f"{g.__module__}.{g.__qualname__}" for g in allowed_globals()}
+            names = [n for n in names if n not in allowed] or names
+            raise CheckpointError(
+                f"{path} pickles global(s) outside sat_dist's allow-list: {names}. Checkpoints are "
+                f"untrusted input and are never unpickled with weights_only=False; re-save the weights "
+                f"as torch.save({{'module': state_dict}}) or report the global if a real SAT/DeepSpeed "
+                f"file carries it"
+            ) from exc
+        raise CheckpointError(f"cannot read the structure of {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def locate(path: str, tensor: Any, name: str, file_size: int) -> StoredTensor:
+    """Byte location of one FakeTensor from `load_structure(path)`, bounds-checked."""
+    if not isinstance(tensor, FakeTensor):
+        raise CheckpointError(f"{path}: entry {name!r} is a {type(tensor).__name__}, not a tensor")
+    storage = tensor.untyped_storage()
+    base = getattr(storage, "_checkpoint_offset", None)
+    if base is None:
+        raise CheckpointError(f"{path}: tensor {name!r} has no recorded storage offset (unsupported torch file)")
+    st = StoredTensor(
+        file=path,
+        byte_offset=base + tensor.storage_offset() * tensor.dtype.itemsize,
+        dtype=tensor.dtype,
+        shape=tuple(tensor.shape),
+        stride=tuple(tensor.stride()),
+    )
+    if st.byte_offset + st.extent_bytes() > file_size:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} ends at byte {st.byte_offset + st.extent_bytes()} but the file has "
+            f"{file_size} bytes: the file is truncated; copy it again"
+        )
+    return st

@@ -1,0 +1,144 @@
+"""Tensor-parallel layers with SAT's parameter names, shapes and split rules.
+
+Each layer records, per parameter, the full (logical) shape and its Layout, so the planner can
+compute what this rank needs without the layer ever holding more than its shard. Forward
+collectives go through `sat_dist.collectives` (inference only: no backward mappings needed).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import collectives as C
+from ..placement import REPLICATED, Layout, Placement
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What the planner needs to know about one model tensor."""
+
+    global_shape: Shape
+    layout: Layout
+
+    def placement(self, tp: int, tp_rank: int) -> Placement:
+        return self.layout.placement(tp, tp_rank)
+
+
+class TPInfo:
+    """The TP size, this rank's index and the group, shared by all layers of one model."""
+
+    def __init__(self, size: int = 1, rank: int = 0, group=None):
+        self.size, self.rank, self.group = size, rank, group
+
+
+class _Sharded(nn.Module):
+    """Base for layers whose parameters are TP shards; `specs` maps attribute -> TensorSpec."""
+
+    def __init__(self, tp: TPInfo):
+        super().__init__()
+        self.tp = tp
+        self.specs: dict[str, TensorSpec] = {}
+
+    def _param(self, name: str, global_shape: Shape, layout: Layout, dtype) -> None:
+        spec = TensorSpec(tuple(global_shape), layout)
+        local = spec.placement(self.tp.size, self.tp.rank).local_shape(spec.global_shape)
+        self.register_parameter(name, nn.Parameter(torch.empty(local, dtype=dtype), requires_grad=False))
+        self.specs[name] = spec
+
+
+class ColumnParallelLinear(_Sharded):
+    """Output features split on dim 0; `blocks` is SAT's stride (3 for fused QKV, a ratio list
+    (heads, kv, kv) for grouped-query attention). The bias is split like the weight."""
+
+    def __init__(self, in_features: int, out_features: int, tp: TPInfo, bias: bool = True,
+                 blocks: tuple[int, ...] = (1,), dtype=torch.float32):
+        super().__init__(tp)
+        layout = Layout(0, tuple(blocks))
+        self._param("weight", (out_features, in_features), layout, dtype)
+        if bias:
+            self._param("bias", (out_features,), layout, dtype)
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(_Sharded):
+    """Input features split on dim 1; partial products are all-reduced, then the (replicated)
+    bias is added once (SAT's final_bias=True)."""
+
+    def __init__(self, in_features: int, out_features: int, tp: TPInfo, bias: bool = True, dtype=torch.float32):
+        super().__init__(tp)
+        self._param("weight", (out_features, in_features), Layout(1), dtype)
+        if bias:
+            self._param("bias", (out_features,), REPLICATED, dtype)
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = C.reduce_from_tp(F.linear(x, self.weight), self.tp.group)
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(_Sharded):
+    """Rows [r*V/n, (r+1)*V/n) on rank r; out-of-range ids contribute zeros, then all-reduce."""
+
+    def __init__(self, num_embeddings: int, dim: int, tp: TPInfo, dtype=torch.float32):
+        super().__init__(tp)
+        self.num_embeddings = num_embeddings
+        self._param("weight", (num_embeddings, dim), Layout(0), dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(ids, self.weight)
+        per = self.num_embeddings // self.tp.size
+        start = self.tp.rank * per
+        outside = (ids < start) | (ids >= start + per)
+        local = (ids - start).masked_fill(outside, 0)
+        out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return C.reduce_from_tp(out, self.tp.group)
+
+
+class LayerNorm(nn.LayerNorm):
+    """torch LayerNorm (SAT's fallback without apex): 16-bit inputs on CPU are normalised in fp32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
+            return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(),
+                                self.bias.float(), self.eps).to(x.dtype)
+        return super().forward(x)
+
+
+def collect_specs(model: nn.Module) -> dict[str, TensorSpec]:
+    """TensorSpec for every state_dict entry: sharded layers say so, all else is replicated."""
+    specs: dict[str, TensorSpec] = {}
+    for mod_name, module in model.named_modules():
+        local = getattr(module, "specs", None)
+        prefix = f"{mod_name}." if mod_name else ""
+        if isinstance(local, dict):
+            for attr, spec in local.items():
+                specs[prefix + attr] = spec
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name not in specs:
+            specs[name] = TensorSpec(tuple(tensor.shape), REPLICATED)
+    return {name: specs[name] for name in model.state_dict(keep_vars=True)}
+
+
+def find_spec_owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    mod_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(mod_name) if mod_name else model), attr
+
+
+def tp_local_shape(spec: TensorSpec, tp: TPInfo) -> Shape:
+    return spec.placement(tp.size, tp.rank).local_shape(spec.global_shape)
+
+
+def maybe(x: Optional[torch.Tensor], fn):
+    return None if x is None else fn(x)

@@ -1,0 +1,130 @@
+"""Placements: how a local (or stored) tensor relates to the logical, full tensor.
+
+Every placement is described the same way, as fragments: a box of the logical tensor and the
+offset where that box sits inside the local tensor. Resharding N -> M is then box intersection,
+with no format- or layer-specific cases. All of this is pure: no I/O, no process group.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Box:
+    """A hyper-rectangle [offsets, offsets + sizes) in some tensor's coordinates."""
+
+    offsets: Shape
+    sizes: Shape
+
+    @staticmethod
+    def full(shape: Sequence[int]) -> "Box":
+        return Box(tuple(0 for _ in shape), tuple(shape))
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.sizes)
+
+    def intersect(self, other: "Box") -> Optional["Box"]:
+        lo = tuple(max(a, b) for a, b in zip(self.offsets, other.offsets))
+        hi = tuple(
+            min(a + s, b + t) for a, s, b, t in zip(self.offsets, self.sizes, other.offsets, other.sizes)
+        )
+        if any(h <= l for l, h in zip(lo, hi)):
+            return None
+        return Box(lo, tuple(h - l for l, h in zip(lo, hi)))
+
+    def shift(self, delta: Sequence[int]) -> "Box":
+        return Box(tuple(o + d for o, d in zip(self.offsets, delta)), self.sizes)
+
+
+@dataclass(frozen=True)
+class Fragment:
+    """`logical` box of the full tensor stored at `local_offsets` in the local tensor."""
+
+    logical: Box
+    local_offsets: Shape
+
+    def local_box(self) -> Box:
+        return Box(self.local_offsets, self.logical.sizes)
+
+
+@dataclass(frozen=True)
+class Replicate:
+    """The rank holds the whole logical tensor."""
+
+    def local_shape(self, shape: Shape) -> Shape:
+        return tuple(shape)
+
+    def fragments(self, shape: Shape) -> list[Fragment]:
+        return [Fragment(Box.full(shape), tuple(0 for _ in shape))]
+
+
+@dataclass(frozen=True)
+class Split:
+    """SAT tensor parallel: along `dim`, the full extent is cut into consecutive blocks sized in
+    proportion to `blocks` (SAT's stride: (1,) plain, (1,1,1) fused QKV, (heads, kv, kv) for GQA),
+    and rank `index` of `parts` holds the `index`-th 1/parts of every block, concatenated."""
+
+    dim: int
+    parts: int
+    index: int
+    blocks: tuple[int, ...] = (1,)
+
+    def block_sizes(self, shape: Shape) -> list[int]:
+        total = shape[self.dim]
+        unit, rem = divmod(total, sum(self.blocks))
+        sizes = [unit * b for b in self.blocks]
+        if rem or any(s % self.parts for s in sizes):
+            raise ValueError(
+                f"dim {self.dim} of size {total} cannot be split {self.parts} ways in blocks {list(self.blocks)}"
+            )
+        return sizes
+
+    def local_shape(self, shape: Shape) -> Shape:
+        out = list(shape)
+        out[self.dim] = sum(self.block_sizes(shape)) // self.parts
+        return tuple(out)
+
+    def fragments(self, shape: Shape) -> list[Fragment]:
+        frags = []
+        start = local = 0
+        for size in self.block_sizes(shape):
+            part = size // self.parts
+            offsets = [0] * len(shape)
+            sizes = list(shape)
+            offsets[self.dim] = start + self.index * part
+            sizes[self.dim] = part
+            loc = [0] * len(shape)
+            loc[self.dim] = local
+            frags.append(Fragment(Box(tuple(offsets), tuple(sizes)), tuple(loc)))
+            start += size
+            local += part
+        return frags
+
+
+Placement = Union[Replicate, Split]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a model parameter is sharded, independent of the TP size: `split_dim is None` means
+    replicated. `placement(parts, index)` gives the concrete Placement for one rank."""
+
+    split_dim: Optional[int] = None
+    blocks: tuple[int, ...] = (1,)
+
+    def placement(self, parts: int, index: int) -> Placement:
+        if self.split_dim is None or parts == 1:
+            return Replicate()
+        return Split(self.split_dim, parts, index, self.blocks)
+
+    @property
+    def replicated(self) -> bool:
+        return self.split_dim is None
+
+
+REPLICATED = Layout()
