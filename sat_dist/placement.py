@@ -128,3 +128,39 @@ class Layout:
 
 
 REPLICATED = Layout()
+
+
+
+def flat_range_boxes(shape: Shape, start: int, stop: int) -> list[tuple[int, Box]]:
+    """Decompose the row-major flat element range [start, stop) of a tensor of `shape` into
+    boxes, each contiguous in flat order: returns (flat offset of the box's first element, box).
+
+    ZeRO stores parameters as flat ranges; expressed as boxes they plan like any other piece.
+    """
+    shape = tuple(shape)
+    if start >= stop:
+        return []
+    if len(shape) == 0:
+        return [(0, Box((), ()))]
+    if len(shape) == 1:
+        return [(start, Box((start,), (stop - start,)))]
+    inner = math.prod(shape[1:])
+    rest = len(shape) - 1
+    out: list[tuple[int, Box]] = []
+
+    def partial_row(lo: int, hi: int) -> None:  # [lo, hi) within one row
+        row = lo // inner
+        for off, sub in flat_range_boxes(shape[1:], lo - row * inner, hi - row * inner):
+            out.append((row * inner + off, Box((row,) + sub.offsets, (1,) + sub.sizes)))
+
+    if start % inner:  # head: the rest of a partial first row
+        end = min(stop, (start // inner + 1) * inner)
+        partial_row(start, end)
+        start = end
+    rows = (stop - start) // inner
+    if rows:  # body: whole rows, one box
+        out.append((start, Box((start // inner,) + (0,) * rest, (rows,) + shape[1:])))
+        start += rows * inner
+    if start < stop:  # tail: the start of a partial last row
+        partial_row(start, stop)
+    return out
