@@ -25,8 +25,7 @@ def _add_load_args(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
     p.add_argument("--report", default=None, metavar="PATH", help="write the JSON load report here (rank 0)")
     p.add_argument("--timeout", type=float, default=None, dest="timeout_s",
                    help="seconds before a missing peer or rendezvous fails the load (default 300)")
-    p.add_argument("overrides", nargs="*", default=[], metavar="key=value",
-                   help="config overrides, e.g. model.num_layers=4 load.staging_mib=128")
+    p.set_defaults(overrides=[])  # key=value words anywhere on the line, e.g. model.num_layers=4
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,12 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _split_overrides(args: argparse.Namespace) -> None:
-    """argparse puts a lone positional override into `checkpoint`; fix that up."""
+def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """Like parse_args, but `key=value` config overrides may appear anywhere on the line."""
+    args, rest = parser.parse_known_args(argv)
+    overrides = [w for w in rest if "=" in w and not w.startswith("-")]
+    unknown = [w for w in rest if w not in overrides]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     cp = getattr(args, "checkpoint", None)
-    if cp and "=" in cp and not os.path.exists(cp):
-        args.overrides.insert(0, cp)
+    if cp and "=" in cp and not os.path.exists(cp):  # argparse took an override for the path
+        overrides.insert(0, cp)
         args.checkpoint = None
+    args.overrides = list(getattr(args, "overrides", [])) + overrides
+    return args
 
 
 def _print_result(report, rank: int) -> None:
@@ -91,11 +97,10 @@ def cmd_env(_: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser(), argv)
     try:
         if args.command == "env":
             return cmd_env(args)
-        _split_overrides(args)
         if args.command == "demo":
             return cmd_demo(args)
         return cmd_load(args, args.checkpoint)
