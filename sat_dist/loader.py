@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 from typing import Optional, Sequence, Union
 
-import torch
 from torch import nn
 
 from . import collectives as C

@@ -18,7 +18,7 @@ from .errors import PlanError
 from .formats.index import CheckpointIndex, Piece
 from .formats.torchfile import StoredTensor
 from .models.layers import TensorSpec
-from .placement import Box, Fragment
+from .placement import Box
 
 Shape = tuple[int, ...]
 

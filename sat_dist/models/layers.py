@@ -7,8 +7,6 @@ collectives go through `sat_dist.collectives` (inference only: no backward mappi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -130,15 +128,3 @@ def collect_specs(model: nn.Module) -> dict[str, TensorSpec]:
             specs[name] = TensorSpec(tuple(tensor.shape), REPLICATED)
     return {name: specs[name] for name in model.state_dict(keep_vars=True)}
 
-
-def find_spec_owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    mod_name, _, attr = name.rpartition(".")
-    return (model.get_submodule(mod_name) if mod_name else model), attr
-
-
-def tp_local_shape(spec: TensorSpec, tp: TPInfo) -> Shape:
-    return spec.placement(tp.size, tp.rank).local_shape(spec.global_shape)
-
-
-def maybe(x: Optional[torch.Tensor], fn):
-    return None if x is None else fn(x)
