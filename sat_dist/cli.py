@@ -31,11 +31,34 @@ def _add_load_args(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sat-dist", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_load_args(sub.add_parser("load", help="load a checkpoint on every rank and agree on it"))
+    load = sub.add_parser("load", help="load a checkpoint on every rank and agree on it")
+    _add_load_args(load)
+    load.add_argument("--weights", choices=["auto", "module", "fp32"], default=None,
+                      help="DeepSpeed ZeRO-1/2: module weights (auto, default) or the fp32 master partitions; "
+                           "ZeRO-3 always reads the fp32 partitions")
+    insp = sub.add_parser("inspect", help="what a DeepSpeed/SAT checkpoint folder holds (no tensor data read)")
+    insp.add_argument("checkpoint", help="checkpoint folder (holds 'latest') or a tag folder")
+    insp.add_argument("--tag", default=None, help="tag folder to inspect instead of what 'latest' says")
+    insp.add_argument("--json", action="store_true", help="print JSON instead of text")
     demo = sub.add_parser("demo", help="write a tiny SAT checkpoint (once) and load it")
     _add_load_args(demo, checkpoint=False)
     sub.add_parser("env", help="print what the launcher told this rank")
+    plan = sub.add_parser("plan", help="per-rank bytes and device memory at each TP size, from the config alone")
+    plan.add_argument("--config", nargs="+", required=True, metavar="YAML", help="YAML files, merged in order")
+    plan.add_argument("--tp", nargs="+", type=int, default=[1, 2, 4, 8], help="TP sizes to plan (default 1 2 4 8)")
+    plan.add_argument("--dtype", default=None, help="fp32|fp16|bf16 (default: the config's, else fp32)")
+    plan.add_argument("--batch", type=int, default=2, help="batch for the activation estimate (2: CFG)")
+    plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    plan.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="config overrides")
     return parser
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .capacity import capacity_plan
+
+    result = capacity_plan(args.config, args.tp, args.dtype, args.overrides, args.batch)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.table(), flush=True)
+    return 0
 
 
 def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -67,6 +90,7 @@ def cmd_load(args: argparse.Namespace, checkpoint: Optional[str]) -> int:
     model, report = loader.load_model(
         checkpoint, args.config, tp=args.tp, dtype=args.dtype, device=args.device, report=args.report,
         overrides=args.overrides, tag=args.tag, timeout_s=args.timeout_s, return_report=True,
+        weights=getattr(args, "weights", None),
     )
     import torch.distributed as dist
 
@@ -85,14 +109,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_env(_: argparse.Namespace) -> int:
+    """One JSON line per rank: what the launcher told us and where the rendezvous will be.
+
+    The first thing to run when a job hangs: every rank should print a distinct rank, the same
+    world size and the same master address/port, and that address must be reachable.
+    """
+    import socket
+
     import torch
 
     from .runtime import detect_launch, pick_backend, pick_device
 
     info = detect_launch().to_dict()
     dev = pick_device(info["local_rank"])
-    info.update(device=str(dev), backend=pick_backend(dev), cuda_available=torch.cuda.is_available())
-    print(json.dumps(info, sort_keys=True), flush=True)
+    info.update(host=socket.gethostname(), device=str(dev), backend=pick_backend(dev),
+                cuda_available=torch.cuda.is_available())
+    # One write per line: mpirun/srun merge the ranks' stdout, and a JSON line split into two
+    # writes (print's text, then its newline, when Python is unbuffered) can interleave.
+    sys.stdout.write(json.dumps(info, sort_keys=True) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .formats.deepspeed import format_inspect, inspect_checkpoint
+
+    info = inspect_checkpoint(args.checkpoint, args.tag)
+    print(json.dumps(info, indent=2, default=str) if args.json else format_inspect(info), flush=True)
     return 0
 
 
@@ -101,6 +144,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "env":
             return cmd_env(args)
+        if args.command == "plan":
+            return cmd_plan(args)
+        if args.command == "inspect":
+            return cmd_inspect(args)
         if args.command == "demo":
             return cmd_demo(args)
         return cmd_load(args, args.checkpoint)

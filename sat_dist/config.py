@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -122,6 +122,7 @@ class LoadConfig:
     timeout_s: float = 300.0
     staging_mib: int = 64  # host staging buffer: bounds host memory during reads
     tag: Optional[str] = None  # iteration folder to load instead of `latest`
+    weights: str = "auto"  # DeepSpeed ZeRO-1/2: auto|module = module weights, fp32 = fp32 master partitions
     report: Optional[str] = None
 
     @property
@@ -218,4 +219,6 @@ def resolve(
     if cfg.tp < 1:
         raise ConfigError(f"--tp must be >= 1, got {cfg.tp}")
     parse_dtype(cfg.dtype)
+    if cfg.weights not in ("auto", "module", "fp32"):
+        raise ConfigError(f"--weights must be auto, module or fp32, got {cfg.weights!r}")
     return cfg

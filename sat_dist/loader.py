@@ -33,6 +33,7 @@ def load_model(
     report: Optional[str] = None,
     overrides: Sequence[str] = (),
     tag: Optional[str] = None,
+    weights: Optional[str] = None,
     timeout_s: Optional[float] = None,
     return_report: bool = False,
 ):
@@ -45,7 +46,7 @@ def load_model(
     t0 = time.perf_counter()
     files = [config] if isinstance(config, str) else list(config or [])
     cfg = resolve(checkpoint, files, overrides, tp=tp, dtype=dtype, device=device, report=report,
-                  tag=tag, timeout_s=timeout_s)
+                  tag=tag, timeout_s=timeout_s, weights=weights)
     if not cfg.checkpoint:
         raise ConfigError("no checkpoint given: pass a path (or load.checkpoint in a config)")
     rt = C.setup(detect_launch(), cfg.tp, cfg.device, cfg.timeout_s)
@@ -76,8 +77,13 @@ def load_with_runtime(rt: Runtime, cfg: LoadConfig, t0: Optional[float] = None) 
         model = build_meta_model(cfg.model, TPInfo(rt.tp, rt.tp_rank, rt.tp_group))
         specs = collect_specs(model)
         prefix = getattr(model, "checkpoint_prefix", "")
-        index, prefer = formats.open_index(cfg.checkpoint, specs, rt.tp, rt.tp_rank, cfg.tag, prefix)
-        plan = make_plan(specs, rt.tp, rt.tp_rank, index, cfg.torch_dtype, prefer, cfg.staging_mib << 20)
+        index, prefer = formats.open_index(cfg.checkpoint, specs, rt.tp, rt.tp_rank, cfg.tag, prefix,
+                                           weights=cfg.weights)
+        # Tensors the file lacks but the model fills itself on load (index.meta["absent"]).
+        specs = {n: s for n, s in specs.items() if n not in index.meta.get("absent", {})}
+        # No --dtype: the reader's default (bf16 for a bf16 DeepSpeed run's fp32 masters), else as stored.
+        dtype = cfg.torch_dtype or index.meta.get("default_dtype")
+        plan = make_plan(specs, rt.tp, rt.tp_rank, index, dtype, prefer, cfg.staging_mib << 20)
     except Exception as exc:  # reported to every rank below, never swallowed
         err = exc
     agree_phase(rt, "plan", err, cfg.timeout_s)

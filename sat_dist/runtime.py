@@ -68,6 +68,7 @@ DETECTORS: list[Callable[[Mapping[str, str]], Optional[LaunchInfo]]] = [from_tor
 def detect_launch(env: Optional[Mapping[str, str]] = None) -> LaunchInfo:
     """Derive this process's identity from the launcher's environment."""
     env = os.environ if env is None else env
+    from . import launchers  # noqa: F401  appends the SLURM/MPI detectors; lazy: it imports this module
     for detector in DETECTORS:
         info = detector(env)
         if info is not None:

@@ -7,6 +7,7 @@ __all__ = ["CheckpointIndex", "Piece", "StoredTensor"]
 from typing import Callable, Mapping, Optional
 
 from ..errors import CheckpointError
+from . import deepspeed as _deepspeed
 from . import sat as _sat
 
 # A reader: (root, specs, tp, tp_rank, tag, prefix) -> (index, preferred files) or None when the
@@ -14,7 +15,7 @@ from . import sat as _sat
 Reader = Callable[..., Optional[tuple]]
 
 
-def _read_sat(root, specs, tp, tp_rank, tag=None, prefix=""):
+def _read_sat(root, specs, tp, tp_rank, tag=None, prefix="", **_options):
     if not _sat.is_sat_checkpoint(root):
         return None
     from ..plan import files_needed
@@ -25,17 +26,21 @@ def _read_sat(root, specs, tp, tp_rank, tag=None, prefix=""):
     return index, [ckpt.files[r] for r in ranks]
 
 
-READERS: list[Reader] = [_read_sat]
+# DeepSpeed first: a ZeRO-1/2 folder also holds mp_rank_XX_model_states.pt (the SAT reader's
+# format); it recognises ZeRO folders by their *_optim_states.pt / zero_pp_rank_* files.
+READERS: list[Reader] = [_deepspeed.read, _read_sat]
 
 
-def open_index(root: str, specs: Mapping, tp: int, tp_rank: int, tag: Optional[str] = None, prefix: str = ""):
-    """Index only the files this rank needs, with whichever reader recognises `root`."""
+def open_index(root: str, specs: Mapping, tp: int, tp_rank: int, tag: Optional[str] = None, prefix: str = "",
+               **options):
+    """Index only the files this rank needs, with whichever reader recognises `root`.
+    `options` (e.g. weights="fp32") go to every reader; readers ignore those they do not know."""
     import os
 
     if not os.path.exists(root):
         raise CheckpointError(f"checkpoint path {root} does not exist")
     for reader in READERS:
-        found = reader(root, specs, tp, tp_rank, tag, prefix)
+        found = reader(root, specs, tp, tp_rank, tag, prefix, **options)
         if found is not None:
             return found
     raise CheckpointError(

@@ -90,6 +90,12 @@ def _check_model_config(ckpt: SatCheckpoint) -> None:
         )
 
 
+def _absent_ok(specs: Mapping[str, TensorSpec], missing: Sequence[str]) -> dict[str, str]:
+    """Missing tensors the model can fill itself (a spec with `if_absent`: SAT's own load tolerates
+    them missing, e.g. CogVideoX's sincos table) -> what the model uses instead."""
+    return {n: specs[n].if_absent for n in missing if getattr(specs[n], "if_absent", None)}
+
+
 def index_files(ckpt: SatCheckpoint, specs: Mapping[str, TensorSpec], mp_ranks: Sequence[int],
                 prefix: str = "") -> CheckpointIndex:
     """Index the given mp files: every tensor located, checked against the model's layouts.
@@ -110,7 +116,12 @@ def index_files(ckpt: SatCheckpoint, specs: Mapping[str, TensorSpec], mp_ranks: 
         module = obj["module"]
         stored_names = {k[len(prefix):] for k in module if k.startswith(prefix)}
         missing = [name for name in specs if name not in stored_names]
-        unexpected = [k for k in module if not k.startswith(prefix) or k[len(prefix):] not in specs]
+        absent = _absent_ok(specs, missing)
+        index.meta.setdefault("absent", {}).update(absent)
+        missing = [name for name in missing if name not in absent]
+        # With a prefix the model is one subtree of the file (CogVideoX: `model.diffusion_model.`);
+        # other engine parts a whole-engine training save may hold (T5, VAE) are not its business.
+        unexpected = [k for k in module if k.startswith(prefix) and k[len(prefix):] not in specs]
         if missing or unexpected:
             raise CheckpointError(
                 f"{path}: the checkpoint and the model config disagree: missing tensors {missing[:8]}"
@@ -118,6 +129,8 @@ def index_files(ckpt: SatCheckpoint, specs: Mapping[str, TensorSpec], mp_ranks: 
                 f"{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)}); check --config / model_config.json"
             )
         for name, spec in specs.items():
+            if name in absent:
+                continue
             key = prefix + name
             placement = spec.layout.placement(n, r)
             try:

@@ -8,11 +8,13 @@ from torch import nn
 
 from ..errors import ConfigError
 from .layers import TPInfo, TensorSpec, collect_specs
+from .cogvideox import build_cogvideox  # also registers its config class and CogVideo's YAML layout
 from .sat_gpt import SATModel
 
 BUILDERS: dict[str, Callable[[Any, TPInfo], nn.Module]] = {
     "BaseModel": SATModel,
     "GPT2Model": SATModel,
+    "DiffusionTransformer": build_cogvideox,  # CogVideoX SAT DiT
 }
 
 

@@ -1,0 +1,102 @@
+"""`sat-dist plan`: per-rank parameter bytes and a device-memory estimate at each TP size, from the
+config alone (meta device: nothing allocated, no checkpoint read), so GPUs can be sized first.
+
+Bytes are exact (every state-dict tensor's local shape under SAT's split rules, in the chosen
+dtype); the activation part is a labelled estimate from the model config when it offers one.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Sequence
+
+from .config import DTYPES, resolve
+from .errors import ConfigError
+from .models import TPInfo, build_meta_model, collect_specs
+
+GIB = 1 << 30
+
+
+@dataclass
+class TPRow:
+    """One TP size: whether it is valid, and per-rank bytes (the largest rank's, where they differ)."""
+
+    tp: int
+    valid: bool
+    reason: Optional[str] = None
+    param_bytes: int = 0  # weights + persistent buffers on one rank
+    split_bytes: int = 0  # of which TP-sharded
+    replicated_bytes: int = 0  # of which identical on every rank
+    activation_bytes: Optional[int] = None
+    device_bytes: Optional[int] = None  # param_bytes + activation_bytes
+
+
+@dataclass
+class CapacityPlan:
+    model_class: str
+    dtype: str
+    total_params: int
+    total_bytes: int
+    activation_note: Optional[str]
+    rows: list[TPRow] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def table(self) -> str:
+        lines = [f"{self.model_class}: {self.total_params / 1e9:.3f} B parameters, {self.total_bytes / GIB:.2f} GiB "
+                 f"in {self.dtype} (weights + persistent buffers, whole model)"]
+        if self.activation_note:
+            lines.append(f"activations estimated for {self.activation_note}")
+        lines.append(f"{'TP':>3}  {'params/rank':>12}  {'sharded':>10}  {'replicated':>10}  {'est. device/rank':>16}")
+        for r in self.rows:
+            if not r.valid:
+                lines.append(f"{r.tp:>3}  invalid: {r.reason}")
+                continue
+            dev = "n/a" if r.device_bytes is None else f"{r.device_bytes / GIB:.2f} GiB"
+            lines.append(f"{r.tp:>3}  {r.param_bytes / GIB:>8.2f} GiB  {r.split_bytes / GIB:>6.2f} GiB  "
+                         f"{r.replicated_bytes / GIB:>6.2f} GiB  {dev:>16}")
+        lines.append("est. device = weights + activation estimate; excludes the CUDA context, allocator slack, "
+                     "and models outside this one (e.g. T5, VAE)")
+        return "\n".join(lines)
+
+
+def capacity_plan(config_files: Sequence[str], tps: Sequence[int], dtype: Optional[str] = None,
+                  overrides: Sequence[str] = (), batch: int = 2) -> CapacityPlan:
+    """Plan every TP size in `tps` for the model the configs describe (see module docstring).
+
+    The dtype is `dtype`, else the config's (CogVideo's args.bf16/fp16), else fp32."""
+    cfg = resolve(None, list(config_files), list(overrides), dtype=dtype)
+    name = str(cfg.dtype or "fp32").lower()
+    if name not in DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}; use one of fp32, fp16, bf16")
+    itemsize = DTYPES[name].itemsize
+    model = build_meta_model(cfg.model, TPInfo(1, 0, None))  # meta: shapes only, nothing allocated
+    specs = collect_specs(model)
+    total_params = sum(math.prod(s.global_shape) for s in specs.values())
+    plan = CapacityPlan(cfg.model.model_class, name, total_params, total_params * itemsize, None)
+    activation = getattr(cfg.model, "activation_bytes", None)
+    for tp in tps:
+        try:
+            cfg.model.check_tp(tp)
+        except ConfigError as exc:
+            plan.rows.append(TPRow(tp, False, str(exc)))
+            continue
+        best: Optional[TPRow] = None
+        for rank in range(tp):  # SAT's splits are even, but do not assume it
+            split = rep = 0
+            for spec in specs.values():
+                n = math.prod(spec.placement(tp, rank).local_shape(spec.global_shape)) * itemsize
+                if spec.layout.replicated:
+                    rep += n
+                else:
+                    split += n
+            if best is None or split + rep > best.param_bytes:
+                best = TPRow(tp, True, None, split + rep, split, rep)
+        if activation is not None:
+            best.activation_bytes, plan.activation_note = activation(tp, itemsize, batch)
+            best.device_bytes = best.param_bytes + best.activation_bytes
+        plan.rows.append(best)
+    del model
+    return plan
+

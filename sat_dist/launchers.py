@@ -1,0 +1,313 @@
+"""SLURM and MPI launch detection: who am I, and where is rank 0's rendezvous store.
+
+torchrun exports RANK/MASTER_ADDR itself; srun and mpirun do not, so the same command line only
+works under them if we derive the rendezvous from their own environment:
+
+- SLURM (a task of an `srun` step): SLURM_PROCID/LOCALID/NODEID/STEP_NUM_TASKS; the master is the
+  first host of the step's node list (`scontrol show hostnames`), the port a function of the job
+  and step id, so every task computes the same address without talking to the others.
+- Open MPI (OMPI_COMM_WORLD_*) and MPICH/Hydra (PMI_RANK, PMI_SIZE, MPI_LOCALRANKID): nothing in the
+  environment names a host, so rank 0 picks its address and a free port and broadcasts them with
+  mpi4py (imported only here, only when needed).
+
+Explicit MASTER_ADDR/MASTER_PORT always win. `register()` appends the detectors to
+`runtime.DETECTORS` after `from_torchrun`, so torchrun's RANK wins when present (torchrun started
+inside an salloc, or one torchrun per node started by srun).
+"""
+from __future__ import annotations
+
+import fcntl
+import ipaddress
+import os
+import re
+import shutil
+import socket
+import struct
+import subprocess
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional
+
+from . import runtime
+from .errors import SatDistError
+from .runtime import LaunchInfo
+
+SLURM_PORT_BASE = 10000  # below Linux's ephemeral range (32768+), so a derived port is rarely taken
+
+
+class LaunchError(SatDistError):
+    """The launcher's environment is inconsistent or does not say where the rendezvous is."""
+
+
+def _int(env: Mapping[str, str], key: str) -> Optional[int]:
+    value = env.get(key)
+    if value in (None, ""):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise LaunchError(f"{key}={value!r} is not an integer; it comes from your launcher, check how it was set") from None
+
+
+# --- SLURM ------------------------------------------------------------------------------------
+
+def tasks_on_node(tasks_per_node: Optional[str], node: int) -> Optional[int]:
+    """Tasks on relative node `node` from SLURM's compressed form, e.g. '2(x3),1' -> [2,2,2,1]."""
+    if not tasks_per_node:
+        return None
+    counts: list[int] = []
+    for part in tasks_per_node.split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if not m:
+            return None
+        counts.extend([int(m.group(1))] * int(m.group(2) or 1))
+    return counts[node] if 0 <= node < len(counts) else None
+
+
+def first_host_of_nodelist(nodelist: str) -> str:
+    """First host of a SLURM hostlist ('gpu[003-005,9],cpu1' -> 'gpu003') without scontrol.
+
+    Only used when `scontrol` is absent or cannot run (e.g. inside a container image without the
+    SLURM client or its slurm.conf): it handles SLURM's bracket ranges, zero padding and several
+    bracket groups per name, which covers the node lists SLURM itself prints.
+    """
+    depth, end = 0, len(nodelist)
+    for i, ch in enumerate(nodelist):  # the first top-level comma ends the first name
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            end = i
+            break
+    first = nodelist[:end].strip()
+    return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[-,]", m.group(1))[0].strip(), first)
+
+
+def slurm_first_host(nodelist: str) -> str:
+    """First host of `nodelist` as SLURM expands it (`scontrol show hostnames`)."""
+    if re.fullmatch(r"[^\[\],\s]+", nodelist):  # one plain host name: nothing to expand
+        return nodelist
+    scontrol = shutil.which("scontrol")
+    if scontrol is not None:
+        try:
+            out = subprocess.run([scontrol, "show", "hostnames", nodelist], capture_output=True,
+                                 text=True, timeout=15, check=True).stdout.split()
+            if out:
+                return out[0]
+        except (OSError, subprocess.SubprocessError):
+            pass  # scontrol present but unusable (no slurm.conf in a container): parse it ourselves
+    # scontrol absent (container images, login-less compute images) or failed: the parser below
+    # handles SLURM's hostlist syntax; tests check it agrees with real scontrol.
+    return first_host_of_nodelist(nodelist)
+
+
+def slurm_port(env: Mapping[str, str]) -> int:
+    """A port every task of a step derives alike: distinct for 1000 consecutive jobs x 20 steps."""
+    job = _int(env, "SLURM_JOB_ID") or _int(env, "SLURM_JOBID") or 0
+    step = _int(env, "SLURM_STEP_ID") or _int(env, "SLURM_STEPID") or 0
+    return SLURM_PORT_BASE + (job % 1000) * 20 + step % 20
+
+
+def _mpi_identity(env: Mapping[str, str]) -> Optional[tuple[int, int]]:
+    """(rank, world) as an MPI launcher numbered this process, if one did."""
+    for rank_key, size_key in (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"), ("PMI_RANK", "PMI_SIZE")):
+        rank, size = _int(env, rank_key), _int(env, size_key)
+        if rank is not None and size is not None:
+            return rank, size
+    return None
+
+
+def from_slurm(env: Mapping[str, str]) -> Optional[LaunchInfo]:
+    """A task of an `srun` step (directly, or inside `sbatch`/`salloc`)."""
+    # SLURM_STEP_ID marks a step task: the batch script itself has SLURM_PROCID=0 and
+    # SLURM_NTASKS=N but is one process, and must not wait for N-1 peers that never come.
+    if "SLURM_PROCID" not in env or ("SLURM_STEP_ID" not in env and "SLURM_STEPID" not in env):
+        return None
+    rank = _int(env, "SLURM_PROCID")
+    world = _int(env, "SLURM_STEP_NUM_TASKS") or _int(env, "SLURM_NTASKS") or _int(env, "SLURM_NPROCS")
+    if rank is None or world is None:
+        return None
+    mpi = _mpi_identity(env)
+    if mpi is not None and mpi != (rank, world):
+        # mpirun inside an allocation: its ranks inherit the SLURM_* of the per-node daemon that
+        # srun started, so MPI's numbering is the job's and the MPI detectors must answer.
+        return None
+    node = _int(env, "SLURM_NODEID") or 0
+    local_world = tasks_on_node(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE"), node)
+    addr = env.get("MASTER_ADDR") or None
+    if addr is None:
+        # The step's node list first: `srun -N1` inside a 2-node job runs on a subset of the job's
+        # nodes, and rank 0 sits on the first node of the step, not necessarily of the job.
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        if nodelist:
+            addr = slurm_first_host(nodelist)
+        else:  # no node list at all (very old SLURM): the node srun ran on, for sbatch the first node
+            addr = env.get("SLURM_LAUNCH_NODE_IPADDR") or None
+        if addr is None:
+            raise LaunchError(
+                f"SLURM task {rank}/{world}: no SLURM_STEP_NODELIST/SLURM_JOB_NODELIST/SLURM_LAUNCH_NODE_IPADDR "
+                f"to find rank 0's node; export MASTER_ADDR (rank 0's host) and MASTER_PORT before srun"
+            )
+    return LaunchInfo(
+        launcher="slurm",
+        rank=rank,
+        local_rank=_int(env, "SLURM_LOCALID") or 0,
+        world_size=world,
+        local_world_size=local_world or 1,
+        node_rank=node,
+        master_addr=addr,
+        master_port=_int(env, "MASTER_PORT") or slurm_port(env),
+    )
+
+
+# --- MPI (Open MPI, MPICH) ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MpiRendezvous:
+    """What rank 0 broadcast: its reachable address and a free port, plus every rank's host."""
+
+    master_addr: str
+    master_port: int
+    hosts: tuple[str, ...]
+
+    def node_rank(self, rank: int) -> int:
+        """Index of `rank`'s host in order of first appearance (node 0 holds rank 0)."""
+        order = list(dict.fromkeys(self.hosts))
+        return order.index(self.hosts[rank])
+
+    def local(self, rank: int) -> tuple[int, int]:
+        """(local rank, ranks on this host)."""
+        host = self.hosts[rank]
+        return self.hosts[:rank].count(host), self.hosts.count(host)
+
+
+def _interface_ipv4(name: str) -> Optional[str]:
+    """IPv4 address of interface `name` (Linux SIOCGIFADDR), or None."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))
+        return socket.inet_ntoa(packed[20:24])
+    except OSError:
+        return None
+
+
+def reachable_address() -> str:
+    """This host's address other nodes can reach: the interface gloo/NCCL were told to use, else
+    the hostname's address if it is not loopback, else the first non-loopback IPv4 interface."""
+    for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        ifname = os.environ.get(var, "").split(",")[0].lstrip("^=")
+        if ifname:
+            ip = _interface_ipv4(ifname)
+            if ip:
+                return ip
+    host = socket.gethostname()
+    try:
+        ip = socket.gethostbyname(host)
+        if not ipaddress.ip_address(ip).is_loopback:
+            return ip
+    except OSError:
+        pass
+    try:
+        names = [name for _, name in socket.if_nameindex() if name != "lo"]
+    except OSError:
+        names = []
+    for name in names:
+        ip = _interface_ipv4(name)
+        if ip and not ipaddress.ip_address(ip).is_loopback:
+            return ip
+    return host
+
+
+def free_port() -> int:
+    """A port the kernel says is free now (rank 0 binds it for the store moments later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+_RENDEZVOUS: dict[tuple, MpiRendezvous] = {}
+
+
+def mpi_exchange(launcher: str, rank: int, world: int) -> MpiRendezvous:
+    """Collective over MPI_COMM_WORLD: gather hosts, broadcast rank 0's address and a free port.
+
+    Every rank must call it (detect_launch does, on every rank); the result is cached, so later
+    detect_launch calls in the same process agree with the first without communicating again.
+    """
+    key = (launcher, rank, world)
+    if key in _RENDEZVOUS:
+        return _RENDEZVOUS[key]
+    try:
+        from mpi4py import MPI  # imported only here: initialising MPI is not free
+    except ImportError as exc:
+        raise LaunchError(
+            f"{launcher} rank {rank}/{world}: mpi4py is needed to learn rank 0's address under mpirun "
+            f"({exc}); `pip install mpi4py` (built for this MPI), or export MASTER_ADDR/MASTER_PORT to every "
+            f"rank (Open MPI: mpirun -x MASTER_ADDR -x MASTER_PORT; MPICH: mpirun -genv MASTER_ADDR ...)"
+        ) from exc
+    comm = MPI.COMM_WORLD
+    if (comm.Get_rank(), comm.Get_size()) != (rank, world):
+        raise LaunchError(
+            f"{launcher} says this is rank {rank} of {world}, but mpi4py's MPI_COMM_WORLD says rank "
+            f"{comm.Get_rank()} of {comm.Get_size()}: mpi4py is linked against a different MPI than the "
+            f"mpirun that started it (check `python -c 'import mpi4py; print(mpi4py.get_config())'` and "
+            f"`which mpirun`), or export MASTER_ADDR/MASTER_PORT to skip the exchange"
+        )
+    hosts = tuple(comm.allgather(socket.gethostname()))
+    payload = None
+    if rank == 0:
+        addr = "127.0.0.1" if len(set(hosts)) == 1 else reachable_address()
+        payload = (addr, free_port())
+    addr, port = comm.bcast(payload, root=0)
+    result = MpiRendezvous(addr, int(port), hosts)
+    _RENDEZVOUS[key] = result
+    return result
+
+
+Exchange = Callable[[str, int, int], MpiRendezvous]
+
+
+def _from_mpi(env: Mapping[str, str], launcher: str, rank: int, world: int, local_rank: Optional[int],
+              local_world: Optional[int], exchange: Exchange) -> LaunchInfo:
+    addr, port = env.get("MASTER_ADDR") or None, _int(env, "MASTER_PORT")
+    node: Optional[int] = None
+    if addr is None or port is None or local_rank is None or local_world is None:
+        rdv = exchange(launcher, rank, world)
+        addr, port = addr or rdv.master_addr, port or rdv.master_port
+        node = rdv.node_rank(rank)
+        if local_rank is None or local_world is None:
+            local_rank, local_world = rdv.local(rank)
+    if node is None:
+        # No exchange (explicit MASTER_ADDR/PORT): exact for mpirun's default by-slot mapping with
+        # equal ranks per node, which is what multi-node inference jobs use.
+        node = rank // max(local_world, 1)
+    return LaunchInfo(launcher, rank, local_rank, world, local_world, node, addr, port)
+
+
+def from_openmpi(env: Mapping[str, str], exchange: Exchange = mpi_exchange) -> Optional[LaunchInfo]:
+    """Open MPI's mpirun/mpiexec/prterun (OMPI_COMM_WORLD_*)."""
+    rank, world = _int(env, "OMPI_COMM_WORLD_RANK"), _int(env, "OMPI_COMM_WORLD_SIZE")
+    if rank is None or world is None:
+        return None
+    # OMPI_COMM_WORLD_NODE_RANK is the rank among processes on this node, not the node's index.
+    return _from_mpi(env, "openmpi", rank, world, _int(env, "OMPI_COMM_WORLD_LOCAL_RANK"),
+                     _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE"), exchange)
+
+
+def from_mpich(env: Mapping[str, str], exchange: Exchange = mpi_exchange) -> Optional[LaunchInfo]:
+    """MPICH's Hydra mpirun/mpiexec (also Intel MPI): PMI_RANK, PMI_SIZE, MPI_LOCALRANKID."""
+    rank, world = _int(env, "PMI_RANK"), _int(env, "PMI_SIZE")
+    if rank is None or world is None:
+        return None
+    return _from_mpi(env, "mpich", rank, world, _int(env, "MPI_LOCALRANKID"), _int(env, "MPI_LOCALNRANKS"),
+                     exchange)
+
+
+def register() -> None:
+    """Append the SLURM and MPI detectors after torchrun's (idempotent)."""
+    for detector in (from_slurm, from_openmpi, from_mpich):
+        if detector not in runtime.DETECTORS:
+            runtime.DETECTORS.append(detector)
+
+
+register()
