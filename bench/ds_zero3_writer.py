@@ -61,7 +61,8 @@ def partition_size(numel: int, dp: int) -> int:
     return math.ceil(numel / dp)
 
 
-def sub_groups(names: Sequence[str], shapes: Mapping[str, Sequence[int]], dp: int, sub_group_size: int) -> list[list[str]]:
+def sub_groups(names: Sequence[str], shapes: Mapping[str, Sequence[int]], dp: int,
+               sub_group_size: int) -> list[list[str]]:
     """DeepSpeedZeroOptimizer_Stage3._create_fp16_sub_groups for one param group."""
     total = sum(partition_size(math.prod(shapes[n]), dp) for n in names)
     if sub_group_size is None or sub_group_size >= total:

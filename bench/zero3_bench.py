@@ -12,8 +12,9 @@ against DeepSpeed's `zero_to_fp32` + a full load, side by side in one run.
    tests/test_deepspeed_writer.py (same files, partitions, pickles, zero_to_fp32 output).
 2. sat_dist: `torchrun --nproc_per_node 4`, each rank `sat_dist.load_model(ckpt, tp=4)` (default
    dtype: bf16, as the run was bf16). Per rank: bytes the loader read (its report), bytes the
-   process read through read()/pread() syscalls (/proc/self/io rchar: includes every pickle
-   header), bytes fetched from disk (read_bytes; meaningful with --cold), peak RSS, seconds.
+   process read through read()/pread() syscalls during the load (/proc/self/io rchar: includes
+   every pickle header and lazily imported modules), bytes fetched from disk (read_bytes;
+   meaningful with --cold), peak RSS, seconds.
 3. Baseline, one process: `get_fp32_state_dict_from_zero_checkpoint(ckpt)` (DeepSpeed's own code,
    what `zero_to_fp32.py` does) and then the full load DeepSpeed users do next: build the TP=1
    model and `load_state_dict` (cast to bf16). It mmaps the optim files, so rchar misses its
@@ -27,7 +28,6 @@ measured load, so read_bytes counts real disk reads.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import resource
@@ -115,10 +115,10 @@ def write_checkpoint(out: str) -> None:
 # --- 2. sat_dist at TP=4 (runs on each torchrun rank) -------------------------------------------
 
 def sat_dist_rank(ckpt: str, out: str) -> None:
-    io0, t0 = _io(), time.perf_counter()
     import sat_dist
     from sat_dist.report import state_dict_digest
 
+    io0, t0 = _io(), time.perf_counter()  # after the imports: the load itself (incl. process group)
     model, rep = sat_dist.load_model(ckpt, tp=TP, return_report=True)
     seconds = time.perf_counter() - t0
     io1 = _io()
@@ -152,7 +152,6 @@ def _sat_split(name: str, full, n: int, r: int):
 
 
 def baseline(ckpt: str, out: str) -> None:
-    io0, t0 = _io(), time.perf_counter()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -162,6 +161,7 @@ def baseline(ckpt: str, out: str) -> None:
     from sat_dist.models.sat_gpt import SATModel
     from sat_dist.report import state_dict_digest
 
+    io0, t0 = _io(), time.perf_counter()  # after the imports, as for sat_dist
     sd = get_fp32_state_dict_from_zero_checkpoint(ckpt, tag=TAG)
     t_convert = time.perf_counter() - t0
     with torch.device("meta"):
@@ -249,7 +249,8 @@ def main() -> int:
     worst = max(ranks, key=lambda r: r["bytes_read"])
     worst_rss = max(r["peak_rss"] for r in ranks)
     share = base["fp32_bytes_touched"] / TP
-    print(f"\nwall: sat_dist {sat_wall:.1f}s (torchrun, 4 ranks, incl. start-up), baseline {base_wall:.1f}s (incl. start-up)")
+    print(f"\nwall: sat_dist {sat_wall:.1f}s (torchrun, 4 ranks, incl. start-up), "
+          f"baseline {base_wall:.1f}s (incl. start-up)")
     print(f"ratios: per-rank bytes read / baseline = {worst['bytes_read'] / base['fp32_bytes_touched']:.3f}; "
           f"per-rank bytes read / (fp32 weights / 4) = {worst['bytes_read'] / share:.3f}; "
           f"per-rank bytes read / checkpoint size = {worst['bytes_read'] / total:.3f}; "

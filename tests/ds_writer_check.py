@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 from collections import OrderedDict
 
@@ -85,6 +86,8 @@ def main(src: str, out: str) -> int:
     written_ckpt = os.path.join(out, "ckpt")
     write_zero3_checkpoint(written_ckpt, tag, spec, lambda n: ref[n],
                            frozen_values={n: ref[n] for n in variant.frozen})
+    if os.path.isfile(os.path.join(real_ckpt, "model_config.json")):  # SAT writes it next to `latest`
+        shutil.copy(os.path.join(real_ckpt, "model_config.json"), written_ckpt)
 
     problems = []
     real_files = sorted(os.listdir(real_dir))

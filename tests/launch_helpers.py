@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -80,11 +79,18 @@ def run(cmd: Sequence[str], env: Mapping[str, str], timeout: float = 120, check:
 
 
 def kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the process group we started (start_new_session=True), and nothing else."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    """Stop the process group we started (start_new_session=True), and nothing else: SIGTERM first,
+    so srun cancels its step and mpirun/torchrun stop their ranks, then SIGKILL."""
+    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def require(program: str, path: Optional[str] = None, hint: str = "") -> str:
@@ -124,12 +130,6 @@ def report_digests(path: str) -> list[str]:
         rep = json.load(f)
     ranks = sorted(rep["ranks"], key=lambda r: r["rank"])
     return [r["digest"] for r in ranks]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @functools.cache
@@ -185,9 +185,16 @@ def slurm_cluster() -> dict[str, str]:
 
 def sbatch_wait(args: Sequence[str], env: Mapping[str, str], timeout: float = 240) -> tuple[str, str]:
     """`sbatch --wait` a job; returns (job id, its output file's text). Fails with the job's output."""
-    out_file = os.path.join(scratch(), f"sbatch-{time.monotonic_ns()}.out")
+    tag = f"sat-dist-test-{os.getpid()}-{time.monotonic_ns()}"
+    out_file = os.path.join(scratch(), f"{tag}.out")
     sbatch = require("sbatch", hint="tests/cluster/slurm.sh up installs it")
-    proc = run([sbatch, "--wait", f"--output={out_file}", *args], env, timeout=timeout, check=False)
+    try:
+        # --time: a job that outlives a failed test does not hold the node for ever.
+        proc = run([sbatch, "--wait", f"--job-name={tag}", "--time=10", f"--output={out_file}", *args], env,
+                   timeout=timeout, check=False)
+    except AssertionError:
+        subprocess.run(["scancel", f"--name={tag}"], env=dict(env), capture_output=True)
+        raise
     text = open(out_file).read() if os.path.exists(out_file) else "(no output file)"
     job = proc.stdout.strip().split()[-1] if proc.stdout.strip() else "?"
     if proc.returncode != 0:
@@ -284,7 +291,15 @@ class NetnsPair:
         for proc in self.procs:
             if proc.poll() is None:
                 kill_group(proc)
-                proc.wait(10)
+        for ns in self._created:
+            # Anything still inside a namespace we created is ours (e.g. a torchrun worker that
+            # left torchrun's process group): stop it, or the namespace outlives `ip netns del`.
+            pids = subprocess.run([self.ip, "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
         for ns in self._created:
             subprocess.run([self.ip, "netns", "del", ns], capture_output=True)
         self._created.clear()

@@ -74,3 +74,12 @@ def test_explicit_dtype_overrides_the_run_dtype(tmp_path_factory):
     assert torch.equal(masters[name].bfloat16(), module[name])  # ... by exactly the bf16 rounding
     check_loads(c, "module", [(2, 2)], weights="module", dtype="fp32")
     check_loads(case(tmp_path_factory, "dp4", "z3_fp32"), "fp32", [(4, 4)], dtype="bf16")
+
+
+def test_tag_folder_and_explicit_tag(tmp_path_factory, tmp_path):
+    """`--tag` picks the tag folder; the tag folder itself works as the path (no `latest`)."""
+    c = case(tmp_path_factory, "dp2", "z3_fp32")
+    want = values(run_ranks(2, load_rank, c.ckpt, 2, c.overrides()))
+    for path, tag in ((c.ckpt, "global_step1"), (c.tag_dir, None)):
+        got = values(run_ranks(2, load_rank, path, 2, c.overrides(), None, None, tag))
+        assert [r[1].digest for r in got] == [r[1].digest for r in want]

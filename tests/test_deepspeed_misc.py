@@ -141,3 +141,25 @@ def test_inspect(tmp_path_factory):
     info = json.loads(_inspect(case(tmp_path_factory, "dp2", "z1_bf16_fp32acc").ckpt, "--json"))
     assert (info["stage"], info["optimizer"]) == (1, "BF16_Optimizer")
     assert "deepspeed" not in sys.modules
+
+
+def test_cli_under_torchrun(tmp_path_factory, tmp_path):
+    """The user's command: `torchrun ... -m sat_dist load CKPT --tp 2 --weights fp32`; the report's
+    per-rank digests equal the digests of the expected shards."""
+    import subprocess
+
+    from ds_testlib import HERE
+    from sat_dist.report import state_dict_digest
+
+    c = case(tmp_path_factory, "dp4", "z2_bf16")
+    report = tmp_path / "report.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(HERE)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "sat_dist", "load", c.ckpt, "--tp", "2", "--weights", "fp32", "--report",
+                           str(report), *c.overrides()], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = json.loads(report.read_text())["ranks"]
+    exp = expected(c, "fp32")
+    for r in ranks:
+        want, share = local_expectation(exp, c.cfg, 2, r["tp_rank"])
+        assert r["digest"] == state_dict_digest(want) and r["bytes_read"] == share

@@ -32,7 +32,7 @@ import torch
 
 from ..errors import CheckpointError, ConfigError
 from ..models.layers import TensorSpec
-from ..placement import Box, Fragment, Replicate, flat_range_boxes
+from ..placement import Box, Fragment, flat_range_boxes
 from . import ds_pickle  # noqa: F401  (registers the DeepSpeed stubs as allowed pickle globals)
 from . import sat as _sat
 from .index import CheckpointIndex, Piece
@@ -175,7 +175,8 @@ def _optim_state(path: str, dp_rank: int) -> dict:
     obj = _load(path, f"optimizer partition file of dp rank {dp_rank}")
     osd = obj.get("optimizer_state_dict")
     if not isinstance(osd, dict):
-        raise CheckpointError(f"{path} has no 'optimizer_state_dict' (keys {sorted(obj)[:10]}): not a ZeRO optimizer file")
+        raise CheckpointError(f"{path} has no 'optimizer_state_dict' (keys {sorted(obj)[:10]}): "
+                              f"not a ZeRO optimizer file")
     return osd
 
 
@@ -385,6 +386,11 @@ def _index_zero12(ckpt: DeepSpeedCheckpoint, b: _Builder, mp: int, first: bool) 
                 f"files: the files come from different saves"
             )
         P = sizes.pop()
+        if P == 0:  # an empty param group (every param of it has zero elements)
+            if any(math.prod(s) for s in shapes.values()):
+                raise CheckpointError(f"{ckpt.tag_dir}: param group {g} has no fp32 elements in any optimizer "
+                                      f"file but lists non-empty params: the files come from different saves")
+            continue
         valid = [f.lengths[g] - (pads[d][g] if bf16_opt[d] else 0) for d, f in enumerate(files)]
         gpads = list(align_pads[g]) if align_pads is not None else [0] * len(shapes)
         if len(gpads) != len(shapes):
@@ -516,6 +522,9 @@ def _alias_shared(b: _Builder, shared: Mapping[str, str], path: str) -> None:
 
 def _check_complete(b: _Builder, ckpt: DeepSpeedCheckpoint, stage: int) -> None:
     missing = [n for n in b.specs if n not in b.index.pieces]
+    absent = _sat._absent_ok(b.specs, missing)  # tensors the model fills itself, as for SAT files
+    b.index.meta.setdefault("absent", {}).update(absent)
+    missing = [n for n in missing if n not in absent]
     if missing:
         hint = ("under ZeRO-3 only params in param_shapes (trainable), frozen_param_shapes (frozen, unless saved "
                 "with exclude_frozen_parameters) and buffers are saved: these cannot be recovered from this checkpoint"
@@ -651,7 +660,8 @@ def inspect_checkpoint(path: str, tag: Optional[str] = None) -> dict:
             obj = model0 if (m, d) == (0, 0) else _load(f, "model states file")
             mod = obj.get("module") or {}
             real = {k: t for k, t in mod.items() if isinstance(t, torch.Tensor) and t.numel()}
-            holds = (f"module: {len(real)} real tensors ({_tensor_bytes(real)} bytes, {', '.join(_dtypes(real.values())) or '-'})"
+            dtypes = ", ".join(_dtypes(real.values())) or "-"
+            holds = (f"module: {len(real)} real tensors ({_tensor_bytes(real)} bytes, {dtypes})"
                      f"{'; ' + str(len(mod) - len(real)) + ' size-0 placeholders' if len(mod) > len(real) else ''}")
             ff = obj.get("frozen_param_fragments") or {}
             if ff:
@@ -680,11 +690,13 @@ def format_inspect(info: Mapping) -> str:
         lines.append(f"format: {info['format']}, mp size {info['mp_size']}")
     else:
         lines += [
-            f"format: DeepSpeed {ZERO_STAGE_NAMES[info['stage']]} ({info['optimizer']}), ds_version {info['ds_version']}",
+            f"format: DeepSpeed {ZERO_STAGE_NAMES[info['stage']]} ({info['optimizer']}), "
+            f"ds_version {info['ds_version']}",
             f"dp size {info['dp_size']} (files), mp size {info['mp_size']}; run dtype {info['run_dtype']}",
             f"params: {info['trainable_params']} trainable ({info['trainable_numel']:,} elements) in "
             f"{info['param_groups']} group(s), {info['frozen_params']} frozen ({info['frozen_numel']:,} elements), "
-            f"{len(info['buffers'])} buffer(s){', shared: ' + str(info['shared_params']) if info['shared_params'] else ''}",
+            f"{len(info['buffers'])} buffer(s)"
+            f"{', shared: ' + str(info['shared_params']) if info['shared_params'] else ''}",
             f"weights come from: {info['default_source']}",
         ]
         if info["client_state_keys"]:
