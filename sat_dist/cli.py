@@ -152,6 +152,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_demo(args)
         return cmd_load(args, args.checkpoint)
     except SatDistError as exc:
-        rank = os.environ.get("RANK", "0")
-        print(f"[rank {rank}] {exc}", file=sys.stderr, flush=True)
+        print(f"[rank {_rank_for_messages()}] {exc}", file=sys.stderr, flush=True)
         return 1
+
+
+def _rank_for_messages() -> str:
+    """This process's rank as the launcher sees it (srun/mpirun set no RANK), for error lines."""
+    try:
+        from .runtime import detect_launch
+
+        return str(detect_launch().rank)
+    except Exception:  # detection itself may be what failed
+        return os.environ.get("RANK", "?")

@@ -12,6 +12,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from .errors import RendezvousError
 from .runtime import LaunchInfo, Mesh, Runtime, pick_backend, pick_device
 
 
@@ -49,7 +50,7 @@ def setup(
                     timeout=timeout,
                 )
             except Exception as exc:  # rendezvous failures are the first thing cluster users hit
-                raise RuntimeError(
+                raise RendezvousError(
                     f"rank {launch.rank}: rendezvous with tcp://{addr}:{port} failed after at most "
                     f"{timeout_s:.0f}s ({type(exc).__name__}: {exc}); check MASTER_ADDR/MASTER_PORT "
                     f"and that the master node is reachable from {launch.launcher} rank {launch.rank}"

@@ -18,6 +18,14 @@ class PlanError(SatDistError):
     """The read plan would not cover every local element exactly once."""
 
 
+class LaunchError(SatDistError):
+    """The launcher's environment is inconsistent or does not say where the rendezvous is."""
+
+
+class RendezvousError(SatDistError):
+    """The process group could not be formed (unreachable master, timeout)."""
+
+
 class GroupLoadError(SatDistError):
     """Raised identically on every rank when any rank failed."""
 

@@ -28,14 +28,10 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
 from . import runtime
-from .errors import SatDistError
+from .errors import LaunchError
 from .runtime import LaunchInfo
 
 SLURM_PORT_BASE = 10000  # below Linux's ephemeral range (32768+), so a derived port is rarely taken
-
-
-class LaunchError(SatDistError):
-    """The launcher's environment is inconsistent or does not say where the rendezvous is."""
 
 
 def _int(env: Mapping[str, str], key: str) -> Optional[int]:
