@@ -27,11 +27,7 @@ KINDS = {"dp2": (2, 1), "dp4": (4, 1), "mp2": (2, 2)}
 
 
 def warm_up() -> None:
-    """Import what every forked rank would otherwise import itself (torch._dynamo via meta init,
-    FakeTensorMode: ~2.5 s per rank), so forked loads take ~0.1 s."""
-    import torch._dynamo  # noqa: F401
-    from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: F401
-
+    """Import sat_dist's model and config modules once in the parent, so forked ranks start warm."""
     from sat_dist.config import build_model_config
     from sat_dist.models import TPInfo, build_meta_model
 

@@ -75,11 +75,6 @@ def sat_ref(sat_venv, tmp_path_factory) -> Path:
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0 or not (out / "manifest.json").exists():
         pytest.fail(f"SAT reference generation failed (rc {proc.returncode}):\n{_tail(proc.stdout + proc.stderr)}")
-    # Forked ranks inherit the parent's imports. sat_dist builds nn.Embedding on the meta device,
-    # whose init (normal_ on meta) imports torch._dynamo the first time: 2-6 s per fresh process.
-    # Pay it once here instead of in each of the ~60 forked loads below.
-    with torch.device("meta"):
-        torch.nn.Embedding(2, 2)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["sat_version"] == "0.4.12", manifest
     assert set(manifest["configs"]) == set(C.CONFIGS)

@@ -104,6 +104,18 @@ class VocabParallelEmbedding(_Sharded):
         return C.reduce_from_tp(out, self.tp.group)
 
 
+class Embedding(nn.Module):
+    """A replicated lookup table with nn.Embedding's state-dict key (`weight`) but no init:
+    nn.Embedding's normal_ on the meta device imports torch._dynamo (about 1 s per process)."""
+
+    def __init__(self, num_embeddings: int, dim: int, dtype=torch.float32):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_embeddings, dim, dtype=dtype), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
 class LayerNorm(nn.LayerNorm):
     """torch LayerNorm (SAT's fallback without apex): 16-bit inputs on CPU are normalised in fp32."""
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from .. import collectives as C
 from ..config import TransformerConfig
-from .layers import ColumnParallelLinear, LayerNorm, RowParallelLinear, TPInfo, VocabParallelEmbedding
+from .layers import ColumnParallelLinear, Embedding, LayerNorm, RowParallelLinear, TPInfo, VocabParallelEmbedding
 
 
 class RotaryEmbedding(nn.Module):
@@ -135,13 +135,13 @@ class Transformer(nn.Module):
         self.tp, self.cfg = tp, cfg
         h = cfg.hidden_size
         if cfg.vocab_size < 1000:  # SAT: plain (replicated) embedding for small vocabularies
-            self.word_embeddings = nn.Embedding(cfg.vocab_size, h, dtype=dtype)
+            self.word_embeddings = Embedding(cfg.vocab_size, h, dtype)
         else:
             self.word_embeddings = VocabParallelEmbedding(cfg.vocab_size, h, tp, dtype)
         if cfg.is_rotary_emb:
             self.position_embeddings = RotaryEmbedding(h // cfg.num_attention_heads)
         else:
-            self.position_embeddings = nn.Embedding(cfg.max_sequence_length, h, dtype=dtype)
+            self.position_embeddings = Embedding(cfg.max_sequence_length, h, dtype)
         self.layers = nn.ModuleList([TransformerLayer(cfg, tp, dtype) for _ in range(cfg.num_layers)])
         if cfg.use_final_layernorm:
             self.final_layernorm = LayerNorm(h, eps=cfg.layernorm_epsilon, dtype=dtype)
