@@ -8,6 +8,8 @@ import json
 import os
 import textwrap
 
+import pytest
+
 from launch_helpers import (REPO, VENV_BIN, check_env_lines, clean_env, demo_checkpoint, mpich_venv,
                             report_digests, require, run, scratch, slurm_cluster, torchrun_reference)
 
@@ -30,27 +32,17 @@ def mpirun_env(flavor: str) -> dict[str, str]:
                      bin_dir=bin_dir)
 
 
-def test_openmpi_env() -> None:
-    out = run([MPIRUN_SH, "env"], mpirun_env("openmpi"), timeout=120).stdout
-    check_env_lines(out, "openmpi", world=4, local_world=4)
+@pytest.mark.parametrize("flavor", ["openmpi", "mpich"])
+def test_mpirun_env(flavor: str) -> None:
+    out = run([MPIRUN_SH, "env"], mpirun_env(flavor), timeout=120).stdout
+    check_env_lines(out, flavor, world=4, local_world=4)
 
 
-def test_openmpi_load_matches_torchrun() -> None:
+@pytest.mark.parametrize("flavor", ["openmpi", "mpich"])
+def test_mpirun_load_matches_torchrun(flavor: str) -> None:
     expected = torchrun_reference(2)
-    report = os.path.join(scratch(), "openmpi-tp2.json")
-    run([MPIRUN_SH, demo_checkpoint(), "--tp", "2", "--report", report], mpirun_env("openmpi"), timeout=180)
-    assert report_digests(report) == list(expected)
-
-
-def test_mpich_env() -> None:
-    out = run([MPIRUN_SH, "env"], mpirun_env("mpich"), timeout=120).stdout
-    check_env_lines(out, "mpich", world=4, local_world=4)
-
-
-def test_mpich_load_matches_torchrun() -> None:
-    expected = torchrun_reference(2)
-    report = os.path.join(scratch(), "mpich-tp2.json")
-    run([MPIRUN_SH, demo_checkpoint(), "--tp", "2", "--report", report], mpirun_env("mpich"), timeout=180)
+    report = os.path.join(scratch(), f"{flavor}-tp2.json")
+    run([MPIRUN_SH, demo_checkpoint(), "--tp", "2", "--report", report], mpirun_env(flavor), timeout=180)
     assert report_digests(report) == list(expected)
 
 
