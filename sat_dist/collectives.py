@@ -114,13 +114,3 @@ def gather_last_dim_from_tp(x: torch.Tensor, group) -> torch.Tensor:
     dist.all_gather(parts, x, group=group)
     return torch.cat(parts, dim=-1)
 
-
-def all_gather_tensor_dim(x: torch.Tensor, dim: int, group) -> torch.Tensor:
-    """Concatenate TP shards along `dim` (used to gather blocks of a strided split)."""
-    n = tp_world(group)
-    if n == 1:
-        return x
-    x = x.contiguous()
-    parts = [torch.empty_like(x) for _ in range(n)]
-    dist.all_gather(parts, x, group=group)
-    return torch.cat(parts, dim=dim)

@@ -13,7 +13,7 @@ from torch import nn
 
 from . import collectives as C
 from . import formats
-from .agree import agree_loaded, agree_phase, finalize, local_status
+from .agree import RankStatus, agree_loaded, agree_phase, describe, finalize, local_status
 from .config import LoadConfig, resolve
 from .errors import ConfigError
 from .materialize import materialize
@@ -104,8 +104,6 @@ def load_with_runtime(rt: Runtime, cfg: LoadConfig, t0: Optional[float] = None) 
         replicated = [n for n, s in specs.items() if s.layout.replicated]
         status = local_status(rt, model, replicated, rep)
     except Exception as exc:
-        from .agree import RankStatus, describe
-
         status = RankStatus(rt.rank, describe(exc), rt.tp_rank, rt.dp_rank)
     statuses = agree_loaded(rt, status, cfg.timeout_s)
     report = LoadReport(

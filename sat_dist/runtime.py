@@ -13,6 +13,8 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
+from .errors import ConfigError
+
 
 @dataclass(frozen=True)
 class LaunchInfo:
@@ -85,7 +87,7 @@ class Mesh:
 
     def __post_init__(self) -> None:
         if self.tp < 1 or self.world_size % self.tp != 0:
-            raise ValueError(
+            raise ConfigError(
                 f"--tp {self.tp} does not divide the world size {self.world_size}: "
                 f"launch a multiple of {self.tp} ranks or pick a TP size that divides {self.world_size}"
             )

@@ -124,6 +124,14 @@ def test_truncated_file_fails_all_ranks_naming_the_rank(ckpt):
     same_error_everywhere(run_ranks(2, _load, ckpt, 2), "rank(s) [1]", "mp_rank_01_model_states.pt")
 
 
+def test_tp_not_dividing_world_is_a_config_error_on_every_rank(ckpt):
+    """3 ranks at --tp 2: refused before the process group forms, the same ConfigError everywhere."""
+    results = run_ranks(3, _load, ckpt, 2)
+    assert {r.error_type for r in results} == {"ConfigError"}, [(r.error_type, r.error) for r in results]
+    assert len({r.error for r in results}) == 1
+    assert "--tp 2 does not divide the world size 3" in results[0].error
+
+
 def test_unknown_config_key_named(ckpt):
     results = run_ranks(1, _load, ckpt, 1, "model.num_layer=3")
     assert results[0].error_type == "ConfigError" and "'num_layer'" in results[0].error

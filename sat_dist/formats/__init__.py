@@ -1,24 +1,24 @@
 """Checkpoint readers. Each turns a path into a CheckpointIndex without reading tensor data."""
-from .index import CheckpointIndex, Piece
-from .torchfile import StoredTensor
+from __future__ import annotations
 
-__all__ = ["CheckpointIndex", "Piece", "StoredTensor"]
-
+import os
 from typing import Callable, Mapping, Optional
 
 from ..errors import CheckpointError
 from . import deepspeed as _deepspeed
 from . import sat as _sat
+from .index import CheckpointIndex, Piece
+from .torchfile import StoredTensor
 
-# A reader: (root, specs, tp, tp_rank, tag, prefix) -> (index, preferred files) or None when the
-# folder is not its format. Tried in order; other formats (DeepSpeed ZeRO, ...) insert themselves.
+# A reader: (root, specs, tp, tp_rank, tag, prefix, **options) -> (index, preferred files), or None
+# when the folder is not its format. Tried in order.
 Reader = Callable[..., Optional[tuple]]
 
 
 def _read_sat(root, specs, tp, tp_rank, tag=None, prefix="", **_options):
     if not _sat.is_sat_checkpoint(root):
         return None
-    from ..plan import files_needed
+    from ..plan import files_needed  # lazy: plan imports this package's index module
 
     ckpt = _sat.discover(root, tag)
     ranks = files_needed(specs, ckpt.mp_size, tp, tp_rank)
@@ -35,8 +35,6 @@ def open_index(root: str, specs: Mapping, tp: int, tp_rank: int, tag: Optional[s
                **options):
     """Index only the files this rank needs, with whichever reader recognises `root`.
     `options` (e.g. weights="fp32") go to every reader; readers ignore those they do not know."""
-    import os
-
     if not os.path.exists(root):
         raise CheckpointError(f"checkpoint path {root} does not exist")
     for reader in READERS:
@@ -44,6 +42,9 @@ def open_index(root: str, specs: Mapping, tp: int, tp_rank: int, tag: Optional[s
         if found is not None:
             return found
     raise CheckpointError(
-        f"{root}: no 'latest' file and no known checkpoint layout (SAT mp_rank_XX_model_states.pt"
-        f"{', DeepSpeed' if len(READERS) > 1 else ''}); pass the folder that holds 'latest'"
+        f"{root}: no 'latest' file and no known checkpoint layout (SAT mp_rank_XX_model_states.pt or "
+        f"DeepSpeed ZeRO files); pass the folder that holds 'latest'"
     )
+
+
+__all__ = ["CheckpointIndex", "Piece", "READERS", "StoredTensor", "open_index"]

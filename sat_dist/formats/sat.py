@@ -91,9 +91,9 @@ def _check_model_config(ckpt: SatCheckpoint) -> None:
 
 
 def _absent_ok(specs: Mapping[str, TensorSpec], missing: Sequence[str]) -> dict[str, str]:
-    """Missing tensors the model can fill itself (a spec with `if_absent`: SAT's own load tolerates
-    them missing, e.g. CogVideoX's sincos table) -> what the model uses instead."""
-    return {n: specs[n].if_absent for n in missing if getattr(specs[n], "if_absent", None)}
+    """Missing tensors the model can fill itself (SAT's own load tolerates them missing, e.g.
+    CogVideoX's sincos table) -> what the model uses instead."""
+    return {n: specs[n].if_absent for n in missing if specs[n].if_absent}
 
 
 def index_files(ckpt: SatCheckpoint, specs: Mapping[str, TensorSpec], mp_ranks: Sequence[int],

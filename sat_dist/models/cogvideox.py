@@ -13,7 +13,7 @@ embedding, rotary tables that are plain attributes, so not in the state dict; co
 Some tensors are in SAT's state dict but not in the files that were released (SAT's
 `force_inference` tolerates it: CogVideo#100, #586): the 2B sincos `pos_embedding`, the unused
 `transformer.position_embeddings` of the rotary models, and the v1.0 rotary tables. Their specs are
-`AbsentOkSpec`: the reader drops them from the plan when the file lacks them and this module fills
+TensorSpecs with `if_absent`: the reader drops them from the plan when the file lacks them and this module fills
 them on `load_state_dict` with what SAT's constructor would have put there.
 """
 from __future__ import annotations
@@ -34,14 +34,6 @@ from .layers import ColumnParallelLinear, RowParallelLinear, TensorSpec, TPInfo
 
 CHECKPOINT_PREFIX = "model.diffusion_model."
 MODEL_CLASS = "DiffusionTransformer"
-
-
-@dataclass(frozen=True)
-class AbsentOkSpec(TensorSpec):
-    """A tensor SAT's model has but released files may lack; `if_absent` says what is used then
-    (what SAT's constructor puts there). Readers skip it when absent; the model fills it on load."""
-
-    if_absent: str = ""
 
 
 # --- configuration ---------------------------------------------------------------------------
@@ -462,7 +454,7 @@ class UnusedEmbedding(nn.Module):
     def __init__(self, num: int, dim: int, dtype: torch.dtype):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num, dim, dtype=dtype), requires_grad=False)
-        self.specs = {"weight": AbsentOkSpec((num, dim), REPLICATED,
+        self.specs = {"weight": TensorSpec((num, dim), REPLICATED,
                                              if_absent="zeros (unused by the forward; CogVideo#586)")}
 
 
@@ -487,7 +479,7 @@ class Basic3DPositionEmbedding(nn.Module):
         self.arch = a
         shape = (1, a.text_length + a.num_patches, a.hidden)
         self.pos_embedding = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
-        self.specs = {"pos_embedding": AbsentOkSpec(shape, REPLICATED, if_absent="3D sincos (CogVideo#100)")}
+        self.specs = {"pos_embedding": TensorSpec(shape, REPLICATED, if_absent="3D sincos (CogVideo#100)")}
 
     def defaults(self) -> dict[str, Callable[[], torch.Tensor]]:
         return {"pos_embedding": self.default_table}
@@ -525,7 +517,7 @@ class Rotary3DPositionEmbedding(nn.Module):
             shape = (a.num_patches, a.head_dim)
             self.register_buffer("freqs_sin", torch.empty(shape, dtype=torch.float32))
             self.register_buffer("freqs_cos", torch.empty(shape, dtype=torch.float32))
-            self.specs = {n: AbsentOkSpec(shape, REPLICATED, if_absent="computed 3D RoPE table")
+            self.specs = {n: TensorSpec(shape, REPLICATED, if_absent="computed 3D RoPE table")
                           for n in ("freqs_sin", "freqs_cos")}
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -813,5 +805,5 @@ MODEL_CONFIGS[MODEL_CLASS] = DiTConfig
 if cogvideo_layout not in LAYOUT_ADAPTERS:
     LAYOUT_ADAPTERS.append(cogvideo_layout)
 
-__all__ = ["AbsentOkSpec", "CogVideoXDiT", "DiTArch", "DiTConfig", "build_cogvideox", "cogvideo_layout",
+__all__ = ["CogVideoXDiT", "DiTArch", "DiTConfig", "build_cogvideox", "cogvideo_layout",
            "rope_freqs_3d", "sincos_3d", "timestep_embedding"]

@@ -23,6 +23,9 @@ class TensorSpec:
 
     global_shape: Shape
     layout: Layout
+    # Non-empty for a tensor SAT's model has but released files may lack (SAT's load tolerates it):
+    # what the model uses instead. Readers then report it absent rather than missing.
+    if_absent: str = ""
 
     def placement(self, tp: int, tp_rank: int) -> Placement:
         return self.layout.placement(tp, tp_rank)
