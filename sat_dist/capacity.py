@@ -10,9 +10,12 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
-from .config import DTYPES, resolve
+import torch
+
+from .config import resolve
 from .errors import ConfigError
 from .models import TPInfo, build_meta_model, collect_specs
+from .models.cogvideox import DiTConfig
 
 GIB = 1 << 30
 
@@ -47,7 +50,7 @@ class CapacityPlan:
         lines = [f"{self.model_class}: {self.total_params / 1e9:.3f} B parameters, {self.total_bytes / GIB:.2f} GiB "
                  f"in {self.dtype} (weights + persistent buffers, whole model)"]
         if self.activation_note:
-            lines.append(f"activations estimated for {self.activation_note}")
+            lines.append(f"activations: {self.activation_note}")
         lines.append(f"{'TP':>3}  {'params/rank':>12}  {'sharded':>10}  {'replicated':>10}  {'est. device/rank':>16}")
         for r in self.rows:
             if not r.valid:
@@ -61,21 +64,56 @@ class CapacityPlan:
         return "\n".join(lines)
 
 
+Latent = tuple[int, int, int]
+
+
+def dit_activation_bytes(cfg: DiTConfig, tp: int, itemsize: int, batch: int,
+                         latent: Optional[Latent]) -> Optional[tuple[int, str]]:
+    """Rough peak activation memory of one DiT forward per TP rank (inference, flash/efficient
+    SDPA, layer by layer): replicated [b,S,h] residual/LN/output tensors plus the widest sharded
+    temporaries (MLP [b,S,4h/tp] in and out of GELU). Returns (bytes, assumptions), or None when the
+    sample size is unknown: the CogVideoX 1.0 DiT runs at its configured latent size only, but a
+    1.5 config gives just the RoPE table's maximum, so its sample size must be passed (`latent`:
+    latent frames, height, width, i.e. after the VAE, before patching)."""
+    a = cfg.arch
+    if latent is None:
+        if not a.v1:
+            return None
+        latent = (a.grid[0], a.grid[1] * a.patch[1], a.grid[2] * a.patch[2])
+    elif a.v1 and (latent[1] != a.grid[1] * a.patch[1] or latent[2] != a.grid[2] * a.patch[2]):
+        raise ConfigError(f"--latent {list(latent)}: the CogVideoX 1.0 DiT runs only at its configured latent size "
+                          f"{a.grid[1] * a.patch[1]}x{a.grid[2] * a.patch[2]}")
+    t, h, w = (-(-n // p) for n, p in zip(latent, a.patch))  # SAT pads the frames to the time patch
+    s = a.text_length + t * h * w
+    per_token = (4 * a.hidden + 2 * a.ffn // tp + 3 * a.hidden // tp) * itemsize
+    what = (f"estimated for batch {batch} x {s} tokens ({a.text_length} text + {t}x{h}x{w} patches of latent "
+            f"{latent[0]}x{latent[1]}x{latent[2]}), flash/mem-efficient attention")
+    return batch * s * per_token, what
+
+
 def capacity_plan(config_files: Sequence[str], tps: Sequence[int], dtype: Optional[str] = None,
-                  overrides: Sequence[str] = (), batch: int = 2) -> CapacityPlan:
+                  overrides: Sequence[str] = (), batch: int = 2, latent: Optional[Latent] = None) -> CapacityPlan:
     """Plan every TP size in `tps` for the model the configs describe (see module docstring).
 
     The dtype is `dtype`, else the config's (CogVideo's args.bf16/fp16), else fp32."""
+    if batch < 1:
+        raise ConfigError(f"--batch must be >= 1, got {batch}")
+    if latent is not None and (len(latent) != 3 or min(latent) < 1):
+        raise ConfigError(f"--latent takes three positive sizes T H W, got {list(latent)}")
     cfg = resolve(None, list(config_files), list(overrides), dtype=dtype)
-    name = str(cfg.dtype or "fp32").lower()
-    if name not in DTYPES:
-        raise ConfigError(f"unknown dtype {name!r}; use one of fp32, fp16, bf16")
-    itemsize = DTYPES[name].itemsize
+    dt = cfg.torch_dtype or torch.float32
+    name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dt]
+    itemsize = dt.itemsize
     model = build_meta_model(cfg.model, TPInfo(1, 0, None))  # meta: shapes only, nothing allocated
     specs = collect_specs(model)
     total_params = sum(math.prod(s.global_shape) for s in specs.values())
     plan = CapacityPlan(cfg.model.model_class, name, total_params, total_params * itemsize, None)
-    activation = getattr(cfg.model, "activation_bytes", None)
+    dit = isinstance(cfg.model, DiTConfig)
+    if latent is not None and not dit:
+        raise ConfigError(f"--latent applies to the CogVideoX DiT only, not {cfg.model.model_class}")
+    if dit and not cfg.model.arch.v1 and latent is None:
+        plan.activation_note = ("n/a: a CogVideoX 1.5 config gives only the RoPE table's maximum; pass --latent T H W "
+                                "(e.g. 22 96 170 for 81 frames at 768x1360)")
     for tp in tps:
         try:
             cfg.model.check_tp(tp)
@@ -93,8 +131,9 @@ def capacity_plan(config_files: Sequence[str], tps: Sequence[int], dtype: Option
                     split += n
             if best is None or split + rep > best.param_bytes:
                 best = TPRow(tp, True, None, split + rep, split, rep)
-        if activation is not None:
-            best.activation_bytes, plan.activation_note = activation(tp, itemsize, batch)
+        act = dit_activation_bytes(cfg.model, tp, itemsize, batch, latent) if dit else None
+        if act is not None:
+            best.activation_bytes, plan.activation_note = act
             best.device_bytes = best.param_bytes + best.activation_bytes
         plan.rows.append(best)
     del model

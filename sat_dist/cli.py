@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from typing import Optional, Sequence
 
@@ -48,22 +49,32 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--tp", nargs="+", type=int, default=[1, 2, 4, 8], help="TP sizes to plan (default 1 2 4 8)")
     plan.add_argument("--dtype", default=None, help="fp32|fp16|bf16 (default: the config's, else fp32)")
     plan.add_argument("--batch", type=int, default=2, help="batch for the activation estimate (2: CFG)")
+    plan.add_argument("--latent", nargs=3, type=int, default=None, metavar=("T", "H", "W"),
+                      help="CogVideoX sample size after the VAE (latent frames, height, width) for the activation "
+                           "estimate; required for 1.5 (e.g. 22 96 170 for 81 frames at 768x1360)")
     plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    plan.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="config overrides")
+    plan.set_defaults(overrides=[])
     return parser
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from .capacity import capacity_plan
 
-    result = capacity_plan(args.config, args.tp, args.dtype, args.overrides, args.batch)
+    result = capacity_plan(args.config, args.tp, args.dtype, args.overrides, args.batch,
+                           tuple(args.latent) if args.latent else None)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.table(), flush=True)
     return 0
 
 
+OVERRIDE = re.compile(r"^(model|load)\.[^=\s]+=")
+
+
 def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    """Like parse_args, but `key=value` config overrides may appear anywhere on the line."""
-    args, rest = parser.parse_known_args(argv)
+    """Like parse_args, but `key=value` config overrides may appear anywhere on the line, also
+    right after a many-valued option (`--config a.yaml model.num_layers=2`, `--tp 1 2 model.x=1`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    early = [w for w in argv if OVERRIDE.match(w) and not os.path.exists(w)]
+    args, rest = parser.parse_known_args([w for w in argv if w not in early])
     overrides = [w for w in rest if "=" in w and not w.startswith("-")]
     unknown = [w for w in rest if w not in overrides]
     if unknown:
@@ -72,7 +83,7 @@ def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> arg
     if cp and "=" in cp and not os.path.exists(cp):  # argparse took an override for the path
         overrides.insert(0, cp)
         args.checkpoint = None
-    args.overrides = list(getattr(args, "overrides", [])) + overrides
+    args.overrides = early + overrides
     return args
 
 

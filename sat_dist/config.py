@@ -33,6 +33,18 @@ def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
     return DTYPES[key]
 
 
+def check_tp_divides(tp: int, limits: dict[str, int]) -> None:
+    """Refuse a TP size that does not divide every split dimension, saying which sizes work
+    (shared by every model config's `check_tp`)."""
+    ok = [n for n in range(1, min(limits.values()) + 1) if all(v % n == 0 for v in limits.values())]
+    if tp < 1:
+        raise ConfigError(f"TP must be >= 1, got {tp}; TP sizes that work for this model: {ok}")
+    bad = {k: v for k, v in limits.items() if v % tp}
+    if bad:
+        what = ", ".join(f"{k}={v}" for k, v in bad.items())
+        raise ConfigError(f"TP={tp} does not divide {what}; TP sizes that work for this model: {ok}")
+
+
 @dataclass
 class TransformerConfig:
     """SAT BaseModel / BaseTransformer architecture arguments (names exactly as SAT's)."""
@@ -96,11 +108,7 @@ class TransformerConfig:
             limits["num_multi_query_heads"] = self.num_multi_query_heads
         if self.vocab_size >= 1000:  # SAT uses a replicated nn.Embedding below 1000
             limits["vocab_size"] = self.vocab_size
-        bad = {k: v for k, v in limits.items() if v % tp}
-        if bad:
-            ok = [n for n in range(1, max(limits.values()) + 1) if all(v % n == 0 for v in limits.values())]
-            what = ", ".join(f"{k}={v}" for k, v in bad.items())
-            raise ConfigError(f"TP={tp} does not divide {what}; TP sizes that work for this model: {ok}")
+        check_tp_divides(tp, limits)
 
 
 # model_class -> config dataclass. Other model families register here (see models/__init__.py).
@@ -206,15 +214,19 @@ def resolve(
     if unknown:
         raise ConfigError(f"unknown load option(s) {sorted(unknown)}; known: {sorted(LOAD_KEYS)}")
 
-    model: dict = {}
+    sources: list = []
     ckpt = load.get("checkpoint")
     if ckpt:
         json_path = os.path.join(ckpt, "model_config.json")
         if os.path.isfile(json_path):
             with open(json_path) as f:
-                model.update(json.load(f))
-    model.update(merged.get("model") or {})
-    model.update(dot.get("model") or {})
+                sources.append(json.load(f))
+    sources += [merged.get("model") or {}, dot.get("model") or {}]
+    try:  # deep merge: an override of one nested key (transformer_args.x) keeps its siblings
+        model = _to_container(OmegaConf.merge(*(OmegaConf.create(src) for src in sources)))
+    except Exception as exc:
+        raise ConfigError(f"cannot merge the model config sources (model_config.json, --config, overrides): "
+                          f"{exc}") from exc
     cfg = LoadConfig(model=build_model_config(model), **load)
     if cfg.tp < 1:
         raise ConfigError(f"--tp must be >= 1, got {cfg.tp}")

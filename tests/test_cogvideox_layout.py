@@ -207,8 +207,9 @@ def _expected_rank_bytes(variant: str, tp: int, itemsize: int) -> tuple[int, int
 @pytest.mark.parametrize("variant,dtype,itemsize", [("cogvideox_2b", "fp16", 2), ("cogvideox_5b", "bf16", 2),
                                                     ("cogvideox1.5_5b", "bf16", 2)])
 def test_plan_cli_bytes(variant, dtype, itemsize, capsys):
+    latent = ["--latent", "22", "96", "170"] if variant.startswith("cogvideox1.5") else []
     rc = cli_main(["plan", "--config", os.path.join(CONFIGS, variant + ".yaml"), "--tp", "1", "2", "3", "4", "5",
-                   "6", "7", "8", "--dtype", dtype, "--json"])
+                   "6", "7", "8", "--dtype", dtype, "--json", *latent])
     assert rc == 0
     plan = json.loads(capsys.readouterr().out)
     heads = 30 if variant == "cogvideox_2b" else 48
@@ -222,6 +223,59 @@ def test_plan_cli_bytes(variant, dtype, itemsize, capsys):
         assert (r["valid"], r["split_bytes"], r["replicated_bytes"], r["param_bytes"]) == (True, split, rep, split + rep)
         assert r["device_bytes"] == r["param_bytes"] + r["activation_bytes"] > r["param_bytes"]
     assert plan["total_bytes"] == sum(torch.Size(v).numel() for v in formats_md_table(variant).values()) * itemsize
+
+
+def _plan_json(capsys, *argv) -> dict:
+    assert cli_main(["plan", *argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def _plan_error(capsys, *argv) -> str:
+    assert cli_main(["plan", *argv]) == 1
+    return capsys.readouterr().err
+
+
+def test_plan_activation_sample_size(capsys):
+    """1.0: the configured size (13x60x90 latent, 226 text tokens for 2B). 1.5: the config holds only
+    the RoPE table's maximum, so no estimate without --latent; with it, SAT's token count."""
+    two_b = _plan_json(capsys, "--config", os.path.join(CONFIGS, "cogvideox_2b.yaml"), "--tp", "1")
+    assert "2 x 17776 tokens" in two_b["activation_note"]  # 226 + 13 * 30 * 45
+    c15 = os.path.join(CONFIGS, "cogvideox1.5_5b.yaml")
+    plan = _plan_json(capsys, "--config", c15, "--tp", "1", "2")
+    assert plan["activation_note"].startswith("n/a") and "--latent" in plan["activation_note"]
+    assert all(r["activation_bytes"] is None and r["device_bytes"] is None for r in plan["rows"])
+    plan = _plan_json(capsys, "--config", c15, "--tp", "1", "2", "--latent", "22", "96", "170", "--batch", "1")
+    assert "1 x 45104 tokens" in plan["activation_note"]  # 224 + (22/2) * (96/2) * (170/2)
+    h, ffn = 3072, 4 * 3072
+    for r in plan["rows"]:
+        assert r["activation_bytes"] == 45104 * (4 * h + 2 * ffn // r["tp"] + 3 * h // r["tp"]) * 2
+    err = _plan_error(capsys, "--config", os.path.join(CONFIGS, "cogvideox_5b.yaml"), "--latent", "13", "96", "170")
+    assert "runs only at its configured latent size 60x90" in err
+
+
+def test_plan_takes_the_config_dtype_and_overrides_anywhere(capsys):
+    """Shipped configs carry CogVideo's args.fp16/bf16; key=value words may follow --config or --tp."""
+    c5 = os.path.join(CONFIGS, "cogvideox_5b.yaml")
+    plan = _plan_json(capsys, "--config", c5, "model.num_layers=2", "--tp", "1", "2")
+    assert plan["dtype"] == "bf16"
+    assert _plan_json(capsys, "--config", c5, "--tp", "1", "2", "model.num_layers=2") == plan
+    full = _plan_json(capsys, "--config", c5, "--tp", "1", "2")
+    assert plan["total_params"] < full["total_params"] / 10  # 2 layers instead of 42
+    assert _plan_json(capsys, "--config", os.path.join(CONFIGS, "cogvideox_2b.yaml"), "--tp", "1")["dtype"] == "fp16"
+    bad = _plan_json(capsys, "--config", c5, "--tp", "0", "4")
+    assert not bad["rows"][0]["valid"] and "TP must be >= 1" in bad["rows"][0]["reason"]
+    assert "--batch must be >= 1" in _plan_error(capsys, "--config", c5, "--batch", "0")
+
+
+def test_nested_override_keeps_its_siblings():
+    """model.transformer_args.x=... changes one key; the rest of transformer_args stays as configured."""
+    c5 = os.path.join(CONFIGS, "cogvideox_5b.yaml")
+    base = resolve(None, [c5]).model
+    cfg = resolve(None, [c5], ["model.transformer_args.layernorm_epsilon=1e-6",
+                               "model.modules.pos_embed_config.params.theta=5000"]).model
+    assert cfg.arch.ln_eps == 1e-6 and cfg.arch.theta == 5000
+    assert cfg.transformer_args == {**base.transformer_args, "layernorm_epsilon": 1e-6}
+    assert (cfg.arch.max_seq, cfg.arch.ln_order, cfg.arch.heads) == (base.arch.max_seq, base.arch.ln_order, 48)
 
 
 def test_plan_does_not_allocate():

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import LAYOUT_ADAPTERS, MODEL_CONFIGS
+from ..config import LAYOUT_ADAPTERS, MODEL_CONFIGS, check_tp_divides
 from ..errors import ConfigError
 from ..placement import REPLICATED
 from .layers import ColumnParallelLinear, RowParallelLinear, TensorSpec, TPInfo
@@ -79,7 +79,8 @@ class DiTArch:
 
     v1: bool  # CogVideoX 1.0 code (int patch_size) vs 1.5 code (list patch_size)
     patch: tuple[int, int, int]  # (t, h, w); v1.0 is (1, p, p)
-    grid: tuple[int, int, int]  # (T, H, W) of the configured latent video after patching
+    grid: tuple[int, int, int]  # (compressed latent frames, H/ph, W/pw) of the configured size; for 1.5 the
+    # RoPE table's maximum, T not divided by the time patch
     hidden: int
     heads: int
     head_dim: int
@@ -280,26 +281,7 @@ class DiTConfig:
 
     def check_tp(self, tp: int) -> None:
         """TP must divide the heads and the MLP width; say which sizes work before any byte is read."""
-        arch = self.arch
-        limits = {"num_attention_heads": arch.heads, "MLP width": arch.ffn}
-        ok = [n for n in range(1, arch.heads + 1) if all(v % n == 0 for v in limits.values())]
-        if tp < 1:
-            raise ConfigError(f"TP must be >= 1, got {tp}; TP sizes that work for this model: {ok}")
-        bad = {k: v for k, v in limits.items() if v % tp}
-        if bad:
-            what = ", ".join(f"{k}={v}" for k, v in bad.items())
-            raise ConfigError(f"TP={tp} does not divide {what}; TP sizes that work for this model: {ok}")
-
-    def activation_bytes(self, tp: int, itemsize: int, batch: int = 2) -> tuple[int, str]:
-        """Rough peak activation memory of one DiT forward per TP rank (inference, flash/efficient
-        SDPA, layer by layer): replicated [b,S,h] residual/LN/output tensors plus the widest
-        sharded temporaries (MLP [b,S,4h/tp] in and out of GELU). Returns (bytes, assumptions)."""
-        a = self.arch
-        s = a.text_length + (a.grid[0] // a.patch[0]) * a.grid[1] * a.grid[2]
-        per_token = (4 * a.hidden + 2 * a.ffn // tp + 3 * a.hidden // tp) * itemsize
-        what = (f"batch {batch} x {s} tokens ({a.text_length} text + {a.grid[0] // a.patch[0]}x{a.grid[1]}x"
-                f"{a.grid[2]} patches), flash/mem-efficient attention")
-        return batch * s * per_token, what
+        check_tp_divides(tp, {"num_attention_heads": self.arch.heads, "MLP width": self.arch.ffn})
 
 
 # --- CogVideo's YAML layout -------------------------------------------------------------------
