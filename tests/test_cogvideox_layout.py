@@ -289,3 +289,12 @@ def test_plan_does_not_allocate():
     rss = int(out.stdout.split("RSS")[-1])
     assert rss < 1.5 * (1 << 30), rss
     assert "invalid" not in out.stdout and "10.38 GiB in bf16" in out.stdout
+
+
+def test_v1_top_level_interpolation_is_refused_not_ignored():
+    """SAT's 1.0 DiT never passes its top-level *_interpolation to Basic3D: a value there would be
+    silently unused, so it is an error pointing at modules.pos_embed_config.params."""
+    c2 = os.path.join(CONFIGS, "cogvideox_2b.yaml")
+    assert resolve(None, [c2]).model.arch.interp == (1.875, 1.875, 1.0)  # from pos_embed_config.params
+    with pytest.raises(ConfigError, match="ignores it .* modules.pos_embed_config.params"):
+        resolve(None, [c2], ["model.height_interpolation=2.0"])

@@ -18,6 +18,7 @@ them on `load_state_dict` with what SAT's constructor would have put there.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -30,7 +31,7 @@ from torch import nn
 from ..config import LAYOUT_ADAPTERS, MODEL_CONFIGS, check_tp_divides
 from ..errors import ConfigError
 from ..placement import REPLICATED
-from .layers import ColumnParallelLinear, RowParallelLinear, TensorSpec, TPInfo
+from .layers import ColumnParallelLinear, Embedding, LayerNorm, RowParallelLinear, TensorSpec, TPInfo
 
 CHECKPOINT_PREFIX = "model.diffusion_model."
 MODEL_CLASS = "DiffusionTransformer"
@@ -174,19 +175,12 @@ class DiTConfig:
 
     UNSUPPORTED = {"use_RMSNorm": False, "num_classes": None}
 
-    def __post_init__(self) -> None:
-        self._arch: Optional[DiTArch] = None
-
-    @property
-    def arch(self) -> DiTArch:
-        if self._arch is None:
-            self._arch = self._derive()
-        return self._arch
-
     def validate(self) -> None:
-        self._arch = self._derive()
+        self.arch  # noqa: B018  derive (and so validate) once
 
-    def _derive(self) -> DiTArch:
+    @functools.cached_property
+    def arch(self) -> DiTArch:
+        """Everything the module needs, derived and validated from the SAT-layout fields."""
         for name in ("num_layers", "hidden_size", "num_attention_heads", "num_frames", "time_compressed_rate",
                      "latent_width", "latent_height", "in_channels", "out_channels"):
             if int(getattr(self, name)) <= 0:
@@ -261,8 +255,13 @@ class DiTConfig:
             if hs // 4 + 2 * (hs // 8 * 3) != hs:
                 raise ConfigError(f"Rotary3D splits the head dim into t/h/w parts hs//4 + 2*(hs//8*3); that is "
                                   f"not {hs} for hidden_size_head={hs} (use a multiple of 8)")
-        interp = tuple(float(pos.get(k) if pos.get(k) is not None else getattr(self, k))
-                       for k in ("height_interpolation", "width_interpolation", "time_interpolation"))
+        interp_keys = ("height_interpolation", "width_interpolation", "time_interpolation")
+        if v1:  # the 1.0 DiT never passes its own *_interpolation to the position mixin
+            ignored = [k for k in interp_keys if float(getattr(self, k)) != 1.0]
+            if ignored:
+                raise ConfigError(f"model.{ignored[0]}={getattr(self, ignored[0])}: the CogVideoX 1.0 DiT ignores "
+                                  f"it (SAT uses 1.0); set it under modules.pos_embed_config.params instead")
+        interp = tuple(float(pos.get(k) if pos.get(k) is not None else getattr(self, k)) for k in interp_keys)
         compressed = (self.num_frames - 1) // self.time_compressed_rate + 1
         grid = (compressed, self.latent_height // patch[1], self.latent_width // patch[2])
         if min(grid) <= 0:
@@ -381,25 +380,6 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 # --- modules (attribute names = SAT's state-dict keys) ----------------------------------------
 
-class SatLayerNorm(nn.Module):
-    """sat.ops.LayerNorm (torch fallback): 16-bit inputs on CPU are normalised in fp32. SAT's CPU
-    16-bit branch also drops `eps` (torch's default 1e-5 is used); this keeps the configured eps, as
-    SAT does on GPU and in fp32, so CPU half precision may differ from SAT's CPU half at ~eps level."""
-
-    def __init__(self, dim: int, eps: float, affine: bool, dtype: torch.dtype):
-        super().__init__()
-        self.dim, self.eps = dim, eps
-        self.weight = nn.Parameter(torch.empty(dim, dtype=dtype), requires_grad=False) if affine else None
-        self.bias = nn.Parameter(torch.empty(dim, dtype=dtype), requires_grad=False) if affine else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
-            w = None if self.weight is None else self.weight.float()
-            b = None if self.bias is None else self.bias.float()
-            return F.layer_norm(x.float(), (self.dim,), w, b, self.eps).to(x.dtype)
-        return F.layer_norm(x, (self.dim,), self.weight, self.bias, self.eps)
-
-
 class DiTAttention(nn.Module):
     """SAT SelfAttention: fused [Q;K;V] column-parallel (stride 3), dense row-parallel."""
 
@@ -420,24 +400,13 @@ class DiTMLP(nn.Module):
 class DiTLayer(nn.Module):
     def __init__(self, a: DiTArch, tp: TPInfo, dtype: torch.dtype):
         super().__init__()
-        self.input_layernorm = SatLayerNorm(a.hidden, a.ln_eps, a.affine, dtype)
+        self.input_layernorm = LayerNorm(a.hidden, eps=a.ln_eps, elementwise_affine=a.affine, dtype=dtype)
         self.attention = DiTAttention(a, tp, dtype)
-        self.post_attention_layernorm = SatLayerNorm(a.hidden, a.ln_eps, a.affine, dtype)
+        self.post_attention_layernorm = LayerNorm(a.hidden, eps=a.ln_eps, elementwise_affine=a.affine, dtype=dtype)
         if a.ln_order == "sandwich":
-            self.third_layernorm = SatLayerNorm(a.hidden, a.ln_eps, a.affine, dtype)
-            self.fourth_layernorm = SatLayerNorm(a.hidden, a.ln_eps, a.affine, dtype)
+            self.third_layernorm = LayerNorm(a.hidden, eps=a.ln_eps, elementwise_affine=a.affine, dtype=dtype)
+            self.fourth_layernorm = LayerNorm(a.hidden, eps=a.ln_eps, elementwise_affine=a.affine, dtype=dtype)
         self.mlp = DiTMLP(a, tp, dtype)
-
-
-class UnusedEmbedding(nn.Module):
-    """SAT's nn.Embedding `transformer.position_embeddings` next to Rotary3D: a state-dict entry the
-    forward never reads. A bare parameter: nn.Embedding's normal_ init on meta costs seconds."""
-
-    def __init__(self, num: int, dim: int, dtype: torch.dtype):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(num, dim, dtype=dtype), requires_grad=False)
-        self.specs = {"weight": TensorSpec((num, dim), REPLICATED,
-                                             if_absent="zeros (unused by the forward; CogVideo#586)")}
 
 
 class DiTTransformer(nn.Module):
@@ -447,10 +416,13 @@ class DiTTransformer(nn.Module):
     def __init__(self, a: DiTArch, tp: TPInfo, dtype: torch.dtype):
         super().__init__()
         if a.pos == "rotary3d":
-            self.position_embeddings = UnusedEmbedding(a.max_seq, a.hidden, dtype)
+            # SAT's nn.Embedding next to Rotary3D: a state-dict entry the forward never reads.
+            self.position_embeddings = Embedding(a.max_seq, a.hidden, dtype)
+            self.position_embeddings.specs = {"weight": TensorSpec(
+                (a.max_seq, a.hidden), REPLICATED, if_absent="zeros (unused by the forward; CogVideo#586)")}
         self.layers = nn.ModuleList([DiTLayer(a, tp, dtype) for _ in range(a.layers)])
         if a.final_ln:
-            self.final_layernorm = SatLayerNorm(a.hidden, a.ln_eps, a.affine, dtype)
+            self.final_layernorm = LayerNorm(a.hidden, eps=a.ln_eps, elementwise_affine=a.affine, dtype=dtype)
 
 
 class Basic3DPositionEmbedding(nn.Module):
@@ -571,9 +543,9 @@ class AdaLN(nn.Module):
             [nn.Sequential(nn.SiLU(), nn.Linear(a.time_dim, 12 * a.hidden, dtype=dtype)) for _ in range(a.layers)])
         if a.qk_ln:
             self.query_layernorm_list = nn.ModuleList(
-                [SatLayerNorm(a.head_dim, 1e-6, a.affine, dtype) for _ in range(a.layers)])
+                [LayerNorm(a.head_dim, eps=1e-6, elementwise_affine=a.affine, dtype=dtype) for _ in range(a.layers)])
             self.key_layernorm_list = nn.ModuleList(
-                [SatLayerNorm(a.head_dim, 1e-6, a.affine, dtype) for _ in range(a.layers)])
+                [LayerNorm(a.head_dim, eps=1e-6, elementwise_affine=a.affine, dtype=dtype) for _ in range(a.layers)])
 
 
 class FinalLayer(nn.Module):

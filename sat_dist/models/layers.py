@@ -120,12 +120,15 @@ class Embedding(nn.Module):
 
 
 class LayerNorm(nn.LayerNorm):
-    """torch LayerNorm (SAT's fallback without apex): 16-bit inputs on CPU are normalised in fp32."""
+    """sat.ops.LayerNorm (torch fallback without apex): 16-bit inputs on CPU are normalised in fp32.
+    SAT's CPU 16-bit branch also drops `eps` (torch's default 1e-5 is used); this keeps the configured
+    eps, as SAT does on GPU and in fp32, so CPU half precision may differ from SAT's at ~eps level."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
-            return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(),
-                                self.bias.float(), self.eps).to(x.dtype)
+            w = None if self.weight is None else self.weight.float()
+            b = None if self.bias is None else self.bias.float()
+            return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
         return super().forward(x)
 
 
