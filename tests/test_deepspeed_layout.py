@@ -11,6 +11,7 @@ from collections import OrderedDict
 import pytest
 import torch
 
+from sat_dist.errors import CheckpointError
 from sat_dist.formats import deepspeed as ds
 from sat_dist.materialize import materialize
 from sat_dist.models.layers import TensorSpec
@@ -72,7 +73,11 @@ def write_zero3(root, full, dp, sub_groups):
         f.write("global_step7")
 
 
-def write_zero12(root, full, dp, groups, stage=2):
+def write_zero12(root, full, dp, groups, stage=2, padding="spread", tied=None):
+    """padding: "spread" (DeepSpeed 0.19: each rank strips its own share), "last" (older DeepSpeed:
+    the whole group padding is stripped from the last rank's slice, `group[:P - padding]`, even when
+    it exceeds P), "kept" (BF16_Optimizer: no zero_stage, slices saved with their padding).
+    tied: {alias: owner} recorded in shared_params, the alias saved in `module` as DeepSpeed does."""
     tag = os.path.join(root, "global_step7")
     os.makedirs(tag)
     flats = []
@@ -85,23 +90,30 @@ def write_zero12(root, full, dp, groups, stage=2):
         saved, pads = [], []
         for padded, n in flats:
             p = padded.numel() // dp
-            pad = max(0, min(p, (r + 1) * p - n))
-            saved.append(padded[r * p: (r + 1) * p - pad].clone())
+            part = padded[r * p: (r + 1) * p]
+            if padding == "spread":
+                pad = max(0, min(p, (r + 1) * p - n))
+            else:
+                pad = padded.numel() - n if r == dp - 1 else 0
+            saved.append((part if padding == "kept" else part[: p - pad]).clone())
             pads.append(pad)
-        torch.save({"optimizer_state_dict": {"zero_stage": stage, "partition_count": [dp] * len(groups),
-                                             "single_partition_of_fp32_groups": saved, "group_paddings": pads}},
-                   os.path.join(tag, f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt"))
-    torch.save(_model_states(groups, dp) | {"module": {n: full[n].bfloat16() for n in SPECS}},
+        osd = {"zero_stage": stage, "partition_count": [dp] * len(groups),
+               "single_partition_of_fp32_groups": saved, "group_paddings": pads}
+        if padding == "kept":
+            del osd["zero_stage"]
+        torch.save({"optimizer_state_dict": osd}, os.path.join(tag, f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt"))
+    module = {n: full[n].bfloat16() for n in SPECS} | {a: full[o].bfloat16() for a, o in (tied or {}).items()}
+    torch.save(_model_states(groups, dp) | {"module": module, "shared_params": dict(tied or {})},
                os.path.join(tag, "mp_rank_00_model_states.pt"))
     with open(os.path.join(root, "latest"), "w") as f:
         f.write("global_step7")
 
 
-def _load_all_ranks(root, full, tp):
+def _load_all_ranks(root, full, tp, specs=SPECS, dtype=None):
     """Index, plan and read every TP rank; each tensor must be the full tensor's SAT split."""
     for rank in range(tp):
-        index, prefer = ds.read(root, SPECS, tp, rank, weights="fp32")
-        plan = make_plan(SPECS, tp, rank, index, index.meta.get("default_dtype"), prefer)
+        index, prefer = ds.read(root, specs, tp, rank, weights="fp32")
+        plan = make_plan(specs, tp, rank, index, dtype or index.meta.get("default_dtype"), prefer)
         tensors, stats = materialize(plan, torch.device("cpu"))
         for n in SPECS:
             want = SPLIT[n](full[n], tp, rank)
@@ -127,9 +139,74 @@ def test_zero12_flat_groups(tmp_path, dp):
         assert index.meta["default_dtype"] == torch.bfloat16  # bf16_ prefix: the run was bf16
 
 
+@pytest.mark.parametrize("padding", ["last", "kept"])
+@pytest.mark.parametrize("dp", [2, 12])
+def test_zero12_padding_layouts_of_other_deepspeed_versions(tmp_path, dp, padding):
+    """Older DeepSpeed strips the whole group padding from the last rank only (at dp=12 the second
+    group's padding, 14, exceeds its slice, 4: that rank's file holds garbage); BF16_Optimizer keeps
+    it. The partition size comes from param_shapes, so all three layouts read the same bytes."""
+    full = _full()
+    write_zero12(str(tmp_path), full, dp, [["tiny", "qkv", "cube"], ["bias", "dense"]], padding=padding)
+    for index in _load_all_ranks(str(tmp_path), full, 3):
+        assert index.meta["stage"] == (1 if padding == "kept" else 2)
+
+
+def test_zero12_truncated_partition_named(tmp_path):
+    full = _full()
+    write_zero12(str(tmp_path), full, 2, [list(SPECS)])
+    path = os.path.join(str(tmp_path), "global_step7", "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    obj = torch.load(path, weights_only=True)
+    obj["optimizer_state_dict"]["single_partition_of_fp32_groups"][0] = torch.zeros(5)
+    torch.save(obj, path)
+    with pytest.raises(CheckpointError, match=r"bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt: param group 0 "
+                                              r"partition holds 5 fp32 elements .* put 82 "):
+        ds.read(str(tmp_path), SPECS, 1, 0, weights="fp32")
+
+
+def test_zero12_tied_alias_reads_the_owners_fp32_master(tmp_path):
+    """A tied alias (shared_params) is saved in `module` in 16 bits, and recorded only in rank 0's
+    file: with --weights fp32 it must take the owner's fp32 master, not the 16-bit copy."""
+    full = _full()
+    specs = SPECS | {"bias_tied": TensorSpec((7,), REPLICATED)}
+    write_zero12(str(tmp_path), full, 2, [list(SPECS)], tied={"bias_tied": "bias"})
+    for rank in range(3):
+        index, prefer = ds.read(str(tmp_path), specs, 3, rank, weights="fp32")
+        tensors, _ = materialize(make_plan(specs, 3, rank, index, torch.float32, prefer), torch.device("cpu"))
+        assert torch.equal(tensors["bias_tied"], full["bias"]) and torch.equal(tensors["bias"], full["bias"])
+
+
+def test_zero3_frozen_param_shape_is_checked(tmp_path):
+    """Frozen params (frozen_param_shapes) are checked against the config like trainable ones."""
+    full = _full()
+    write_zero3(str(tmp_path), full, 2, [["qkv", "tiny", "dense", "bias"]])
+    for r in range(2):
+        path = os.path.join(str(tmp_path), "global_step7", f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
+        ms = torch.load(path, weights_only=True)
+        ms["frozen_param_shapes"] = OrderedDict(cube=torch.Size((3, 6, 2)))
+        ms["frozen_param_fragments"] = OrderedDict(cube=torch.zeros(18))
+        torch.save(ms, path)
+    with pytest.raises(CheckpointError, match=r"tensor 'cube' has shape \[3, 6, 2\] in the checkpoint but the "
+                                              r"model config gives \[6, 3, 2\]"):
+        ds.read(str(tmp_path), SPECS, 1, 0, weights="fp32")
+
+
 def test_files_sorted_by_rank_number(tmp_path):
     full = _full()
     write_zero3(str(tmp_path), full, 12, [list(SPECS)])
     ckpt = ds.discover(str(tmp_path))
     ranks = [int(os.path.basename(p).split("_")[3]) for p in ckpt.optim_files[0]]
     assert ranks == list(range(12)) and ckpt.dp_size == 12 and ckpt.zero3 and not ckpt.bf16
+
+
+def test_fp16_run_defaults_to_fp16(tmp_path):
+    """ds_config fp16.enabled (no bf16_ prefix): served in fp16 unless --dtype says otherwise, so
+    trainable params (fp32 masters) and frozen ones/buffers (16-bit in the run) agree."""
+    full = _full()
+    write_zero3(str(tmp_path), full, 2, [list(SPECS)])
+    index, _ = ds.read(str(tmp_path), SPECS, 1, 0, weights="fp32")
+    assert "default_dtype" not in index.meta  # an fp32 run: stored dtype
+    path = os.path.join(str(tmp_path), "global_step7", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    torch.save(torch.load(path, weights_only=True) | {"ds_config": {"fp16": {"enabled": True}}}, path)
+    index, _ = ds.read(str(tmp_path), SPECS, 1, 0, weights="fp32")
+    assert index.meta["default_dtype"] == torch.float16
+    assert ds.inspect_checkpoint(str(tmp_path))["run_dtype"] == "fp16"

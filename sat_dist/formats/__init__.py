@@ -16,14 +16,7 @@ Reader = Callable[..., Optional[tuple]]
 
 
 def _read_sat(root, specs, tp, tp_rank, tag=None, prefix="", **_options):
-    if not _sat.is_sat_checkpoint(root):
-        return None
-    from ..plan import files_needed  # lazy: plan imports this package's index module
-
-    ckpt = _sat.discover(root, tag)
-    ranks = files_needed(specs, ckpt.mp_size, tp, tp_rank)
-    index = _sat.index_files(ckpt, specs, ranks, prefix)
-    return index, [ckpt.files[r] for r in ranks]
+    return _sat.read_index(root, specs, tp, tp_rank, tag, prefix) if _sat.is_sat_checkpoint(root) else None
 
 
 # DeepSpeed first: a ZeRO-1/2 folder also holds mp_rank_XX_model_states.pt (the SAT reader's

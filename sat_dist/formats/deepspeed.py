@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
@@ -36,7 +36,7 @@ from ..placement import Box, Fragment, flat_range_boxes
 from . import ds_pickle  # noqa: F401  (registers the DeepSpeed stubs as allowed pickle globals)
 from . import sat as _sat
 from .index import CheckpointIndex, Piece
-from .torchfile import StoredTensor, load_structure, locate
+from .torchfile import StoredTensor, iter_tensors, load_structure, locate
 
 OPTIM_FILE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 Z3_MODEL_FILE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
@@ -164,10 +164,11 @@ def _load(path: str, what: str) -> dict:
     try:
         obj = load_structure(path)
     except CheckpointError as exc:
-        raise CheckpointError(f"{what} {path}: {exc}; if the file is truncated or corrupt, copy it again "
-                              f"from the training run") from exc
+        hint = "" if "allow-list" in str(exc) else "; if the file is truncated or corrupt, copy it again from the training run"
+        raise CheckpointError(f"{what}: {exc}{hint}") from exc
     if not isinstance(obj, dict):
-        raise CheckpointError(f"{what} {path} holds a {type(obj).__name__}, not a DeepSpeed checkpoint dict")
+        raise CheckpointError(f"{what} {path} holds a {type(obj).__name__}, not a DeepSpeed checkpoint dict; "
+                              f"pass the folder of a DeepSpeed save (the one holding 'latest')")
     return obj
 
 
@@ -175,8 +176,8 @@ def _optim_state(path: str, dp_rank: int) -> dict:
     obj = _load(path, f"optimizer partition file of dp rank {dp_rank}")
     osd = obj.get("optimizer_state_dict")
     if not isinstance(osd, dict):
-        raise CheckpointError(f"{path} has no 'optimizer_state_dict' (keys {sorted(obj)[:10]}): "
-                              f"not a ZeRO optimizer file")
+        raise CheckpointError(f"{path} has no 'optimizer_state_dict' (keys {sorted(obj)[:10]}): not a ZeRO "
+                              f"optimizer file; remove stray *_optim_states.pt files from the tag folder")
     return osd
 
 
@@ -186,10 +187,12 @@ def _stage_of(osd: Mapping, path: str) -> int:
     if stage is None:
         if "single_partition_of_fp32_groups" in osd:
             return 1
-        raise CheckpointError(f"{path}: no 'zero_stage' and no fp32 partitions: not a ZeRO optimizer file")
+        raise CheckpointError(f"{path}: no 'zero_stage' and no fp32 partitions: not a ZeRO optimizer file; "
+                              f"load the module weights instead (--weights module)")
     stage = int(stage)
     if stage not in (1, 2, 3):
-        raise CheckpointError(f"{path}: zero_stage={stage} has no fp32 partitions to read")
+        raise CheckpointError(f"{path}: zero_stage={stage} has no fp32 partitions to read; load the module "
+                              f"weights instead (--weights module)")
     return stage
 
 
@@ -277,7 +280,7 @@ class _Builder:
     prefix: str
     mp_size: int
     index: CheckpointIndex
-    seen: dict[str, str] = field(default_factory=dict)  # stored name -> where it was found
+    shared: Mapping[str, str]  # tied weights, alias -> owner (DeepSpeed's shared_params)
 
     def model_name(self, stored: str) -> Optional[str]:
         """The model's name for a DeepSpeed name (DeepSpeed wraps nothing: they are state_dict keys)."""
@@ -334,7 +337,10 @@ def _check_dp(path: str, key: str, value: Any, dp: int, tag_dir: str) -> None:
     try:
         counts = [int(c) for c in counts]
     except (TypeError, ValueError):
-        raise CheckpointError(f"{path}: {key}={value!r} is not a data-parallel size") from None
+        counts = []
+    if not counts:
+        raise CheckpointError(f"{path}: {key}={value!r} is not a data-parallel size; the file is not a complete "
+                              f"DeepSpeed save: copy this tag's files again from the training run")
     if max(counts) != dp:
         raise CheckpointError(
             f"{path} says {key}={max(counts)} (the data-parallel size it was saved with) but {tag_dir} holds {dp} "
@@ -348,54 +354,58 @@ def _check_dp(path: str, key: str, value: Any, dp: int, tag_dir: str) -> None:
         )
 
 
-def _index_zero12(ckpt: DeepSpeedCheckpoint, b: _Builder, mp: int, first: bool) -> None:
+def _index_zero12(ckpt: DeepSpeedCheckpoint, b: _Builder, mp: int, first: bool) -> int:
+    """Index mp rank `mp`'s fp32 master partitions; returns the ZeRO stage (1 or 2).
+
+    Each param group is flattened (with per-param alignment padding), padded to a multiple of
+    2 x dp and cut into dp slices of P elements; P and the valid elements of each slice follow
+    from param_shapes alone. The files' own slice lengths differ by DeepSpeed version (padding
+    stripped per rank, stripped on the last rank only, or kept by BF16_Optimizer), so each file
+    only has to hold at least its valid elements."""
     model_path = ckpt.model_files[mp][0]
     model = _load(model_path, f"model states file of mp rank {mp}")
     param_shapes = model.get("param_shapes")
     if not isinstance(param_shapes, list):
-        raise CheckpointError(f"{model_path} has no 'param_shapes' list: not a ZeRO-1/2 checkpoint")
+        raise CheckpointError(f"{model_path} has no 'param_shapes' list: not a ZeRO-1/2 checkpoint; pass the "
+                              f"folder of a DeepSpeed save (the one holding 'latest')")
     module = model.get("module") or {}
     dp = ckpt.dp_size
     _check_dp(model_path, "dp_world_size", model.get("dp_world_size", dp), dp, ckpt.tag_dir)
-    files, pads, bf16_opt = [], [], []
-    align_pads = None
+    files, align_pads, stages = [], None, set()
     for d, path in enumerate(ckpt.optim_files[mp]):
         osd = _optim_state(path, d)
         stage = _stage_of(osd, path)
         if stage == 3:
-            raise CheckpointError(f"{path} is a ZeRO-3 optimizer file but {ckpt.tag_dir} has ZeRO-1/2 model states")
+            raise CheckpointError(f"{path} is a ZeRO-3 optimizer file but {ckpt.tag_dir} has ZeRO-1/2 model states: "
+                                  f"two runs were saved into the same tag folder; keep only the files of one run")
+        stages.add(stage)
         _check_dp(path, "partition_count", osd.get("partition_count"), dp, ckpt.tag_dir)
         parts = osd.get("single_partition_of_fp32_groups")
         if not isinstance(parts, list) or len(parts) != len(param_shapes):
             raise CheckpointError(
                 f"{path}: {len(parts) if isinstance(parts, list) else 'no'} fp32 partition groups but {model_path} "
-                f"lists {len(param_shapes)} param groups: the files come from different saves"
+                f"lists {len(param_shapes)} param groups: the files come from different saves; restore exactly "
+                f"the files of one save"
             )
         files.append(_FlatFile(path, parts, "single_partition_of_fp32_groups"))
-        pads.append([int(p) for p in osd.get("group_paddings", [0] * len(parts))])
-        bf16_opt.append("zero_stage" not in osd)
         if d == 0:
             align_pads = osd.get("param_alignment_paddings")
-    total_missing = []
     for g, shapes in enumerate(param_shapes):
-        # P_g: every rank's slice length including padding (BF16_Optimizer keeps the padding in).
-        sizes = {f.lengths[g] + (0 if bf16_opt[d] else pads[d][g]) for d, f in enumerate(files)}
-        if len(sizes) != 1:
-            raise CheckpointError(
-                f"{ckpt.tag_dir}: param group {g} has unequal partition sizes {sorted(sizes)} across the optimizer "
-                f"files: the files come from different saves"
-            )
-        P = sizes.pop()
-        if P == 0:  # an empty param group (every param of it has zero elements)
-            if any(math.prod(s) for s in shapes.values()):
-                raise CheckpointError(f"{ckpt.tag_dir}: param group {g} has no fp32 elements in any optimizer "
-                                      f"file but lists non-empty params: the files come from different saves")
-            continue
-        valid = [f.lengths[g] - (pads[d][g] if bf16_opt[d] else 0) for d, f in enumerate(files)]
-        gpads = list(align_pads[g]) if align_pads is not None else [0] * len(shapes)
+        gpads = [int(p) for p in align_pads[g]] if align_pads is not None else [0] * len(shapes)
         if len(gpads) != len(shapes):
             raise CheckpointError(f"{ckpt.optim_files[mp][0]}: param_alignment_paddings[{g}] has {len(gpads)} "
-                                  f"entries for {len(shapes)} params")
+                                  f"entries for {len(shapes)} params: the files come from different saves")
+        total = sum(math.prod(s) for s in shapes.values()) + sum(gpads)
+        P = -(-total // (2 * dp)) * 2  # DeepSpeed pads each flat group to a multiple of 2 x dp
+        valid = [min(P, max(0, total - d * P)) for d in range(dp)]
+        short = [(f.path, f.lengths[g], valid[d]) for d, f in enumerate(files) if not valid[d] <= f.lengths[g] <= P]
+        if short:
+            path, have, want = short[0]
+            raise CheckpointError(
+                f"{path}: param group {g} partition holds {have} fp32 elements but param_shapes in {model_path} "
+                f"({len(shapes)} params, {total} elements over dp={dp}) put {want} (of at most {P}) on this rank: "
+                f"the file is truncated or from another save; restore exactly the files of one save"
+            )
         offset = 0
         for j, (stored_name, shape) in enumerate(shapes.items()):
             n = math.prod(shape)
@@ -404,33 +414,27 @@ def _index_zero12(ckpt: DeepSpeedCheckpoint, b: _Builder, mp: int, first: bool) 
                 b.check_shape(model_path, stored_name, name, tuple(shape), mp)
             if _wanted(b, name, first) and n:
                 for d in range(offset // P, (offset + n - 1) // P + 1):
-                    lo, hi = max(offset, d * P), min(offset + n, d * P + valid[d])
-                    if hi <= lo:
-                        total_missing.append((stored_name, d))
-                        continue
+                    lo, hi = max(offset, d * P), min(offset + n, d * P + P)
                     seg = files[d].group_segment(g, lo - d * P, hi - d * P)
                     b.add_flat(name, mp, lo - offset, hi - offset, seg)
-            offset += n + int(gpads[j])
-        if offset > sum(valid):
-            raise CheckpointError(
-                f"{ckpt.tag_dir}: param group {g} needs {offset} fp32 elements ({len(shapes)} params) but the "
-                f"{dp} optimizer partitions hold {sum(valid)}: a partition file is truncated or from another save"
-            )
-    if total_missing:
-        raise CheckpointError(f"{ckpt.tag_dir}: no fp32 data for {total_missing[:4]}: partition files inconsistent")
-    b.unexpected(model_path, [n for s in param_shapes for n in s])
-    # Frozen params (not in the optimizer) and buffers: whole tensors in `module` (16-bit in 16-bit runs).
-    size = os.path.getsize(model_path)
+            offset += n + gpads[j]
     in_flat = {n for s in param_shapes for n in s}
+    # Frozen params (not in the optimizer) and buffers: whole tensors in `module` (16-bit in 16-bit
+    # runs). Tied aliases are skipped: they take the owner's (fp32) pieces in _alias_shared.
+    size = os.path.getsize(model_path)
     for stored_name in module:
         name = b.model_name(stored_name)
-        if stored_name not in in_flat and _wanted(b, name, first):
+        if stored_name not in in_flat and stored_name not in b.shared and _wanted(b, name, first):
             b.add_full(model_path, module, stored_name, name, mp, size)
     b.unexpected(model_path, list(module))
-    _alias_shared(b, model.get("shared_params") or {}, model_path)
+    _alias_shared(b)
+    if len(stages) != 1:
+        raise CheckpointError(f"{ckpt.tag_dir}: the optimizer files of mp rank {mp} mix ZeRO stages {sorted(stages)}: "
+                              f"two runs were saved into the same tag folder; keep only the files of one run")
+    return stages.pop()
 
 
-def _index_zero3(ckpt: DeepSpeedCheckpoint, b: _Builder, mp: int, first: bool) -> None:
+def _index_zero3(ckpt: DeepSpeedCheckpoint, b: _Builder, mp: int, first: bool) -> int:
     dp = ckpt.dp_size
     model_path = ckpt.model_files[mp][0]
     model0 = _load(model_path, f"model states file of dp rank 0, mp rank {mp}")
@@ -479,6 +483,10 @@ def _index_zero3(ckpt: DeepSpeedCheckpoint, b: _Builder, mp: int, first: bool) -
     b.unexpected(model_path, [n for n, _ in flat])
     frozen = model0.get("frozen_param_shapes") or {}
     b.unexpected(model_path, list(frozen))
+    for stored_name, shape in frozen.items():
+        name = b.model_name(stored_name)
+        if name is not None and name in b.specs:
+            b.check_shape(model_path, stored_name, name, tuple(shape), mp)
     wanted_frozen = {n: s for n, s in frozen.items() if _wanted(b, b.model_name(n), first)}
     if wanted_frozen:  # frozen params: every dp rank's model_states file holds its padded 16-bit slice
         for d, path in enumerate(ckpt.model_files[mp]):
@@ -508,12 +516,13 @@ def _index_zero3(ckpt: DeepSpeedCheckpoint, b: _Builder, mp: int, first: bool) -
         if stored_name in module and stored_name not in partitioned and _wanted(b, name, first):
             b.add_full(model_path, module, stored_name, name, mp, size)
     b.unexpected(model_path, list(model0.get("buffer_names") or []))
-    _alias_shared(b, model0.get("shared_params") or {}, model_path)
+    _alias_shared(b)
+    return 3
 
 
-def _alias_shared(b: _Builder, shared: Mapping[str, str], path: str) -> None:
-    """Tied weights are saved once, under the owner's name (`shared_params`: alias -> owner)."""
-    for alias, owner in shared.items():
+def _alias_shared(b: _Builder) -> None:
+    """Tied weights are saved once, under the owner's name: the alias reads the owner's pieces."""
+    for alias, owner in b.shared.items():
         a, o = b.model_name(alias), b.model_name(owner)
         if a in b.specs and a not in b.index.pieces and o in b.index.pieces:
             for piece in b.index.pieces[o]:
@@ -552,8 +561,6 @@ def source_for(ckpt: DeepSpeedCheckpoint, weights: str) -> str:
 def read(root: str, specs: Mapping[str, TensorSpec], tp: int, tp_rank: int, tag: Optional[str] = None,
          prefix: str = "", weights: str = "auto", **_options: Any) -> Optional[tuple[CheckpointIndex, list[str]]]:
     """The DeepSpeed reader for `formats.READERS`: None if `root` holds no ZeRO files."""
-    if weights not in WEIGHTS:
-        raise ConfigError(f"--weights must be one of {list(WEIGHTS)}, got {weights!r}")
     ckpt = discover(root, tag)
     if ckpt is None:
         if weights == "fp32":
@@ -568,25 +575,36 @@ def read(root: str, specs: Mapping[str, TensorSpec], tp: int, tp_rank: int, tag:
             "bf16": ckpt.bf16}
     if source_for(ckpt, weights) == "module":
         # ZeRO-1/2 `module` is an ordinary SAT/DeepSpeed model-states file: the SAT reader's job.
-        sat = _sat.discover(root, tag)
-        ranks = files_needed(specs, sat.mp_size, tp, tp_rank)
-        index = _sat.index_files(sat, specs, ranks, prefix)
+        index, files = _sat.read_index(root, specs, tp, tp_rank, tag, prefix)
         index.format = "deepspeed-zero12-module"
         index.meta.update(meta, source="module")
-        return index, [sat.files[r] for r in ranks]
-    stage = 3 if ckpt.zero3 else _stage_of(_optim_state(ckpt.optim_files[0][0], 0), ckpt.optim_files[0][0])
-    index = CheckpointIndex(root=root, format=f"deepspeed-zero{stage}", meta={**meta, "stage": stage, "source": "fp32"})
-    if ckpt.bf16:  # the run trained in bf16: serve bf16 unless --dtype says otherwise
-        index.meta["default_dtype"] = torch.bfloat16
-    b = _Builder(specs, prefix, ckpt.mp_size, index)
+        return index, files
+    index = CheckpointIndex(root=root, format="deepspeed", meta={**meta, "source": "fp32"})
+    # DeepSpeed records shared_params (tied weights) only in global rank 0's model states file.
+    model00 = _load(ckpt.model_files[0][0], "model states file of mp rank 0")
+    shared = model00.get("shared_params") if isinstance(model00.get("shared_params"), Mapping) else {}
+    b = _Builder(specs, prefix, ckpt.mp_size, index, dict(shared))
     ranks = files_needed(specs, ckpt.mp_size, tp, tp_rank)
+    stage = 0
     for i, mp in enumerate(ranks):
-        (_index_zero3 if ckpt.zero3 else _index_zero12)(ckpt, b, mp, first=i == 0)
+        stage = (_index_zero3 if ckpt.zero3 else _index_zero12)(ckpt, b, mp, first=i == 0)
+    index.format, index.meta["stage"] = f"deepspeed-zero{stage}", stage
+    run_dtype = _run_dtype(ckpt, model00)
+    if run_dtype != torch.float32:  # a 16-bit run: serve its dtype unless --dtype says otherwise
+        index.meta["default_dtype"] = run_dtype
     _check_complete(b, ckpt, stage)
     files = sorted({p.file for pieces in index.pieces.values() for p in pieces})
     for f in files:
         index.file_sizes[f] = os.path.getsize(f)
     return index, files
+
+
+def _run_dtype(ckpt: DeepSpeedCheckpoint, model0: Mapping) -> torch.dtype:
+    """The dtype the run trained in: bf16 optimizer files, else ds_config's fp16.enabled, else fp32."""
+    if ckpt.bf16:
+        return torch.bfloat16
+    cfg = model0.get("ds_config") if isinstance(model0.get("ds_config"), dict) else {}
+    return torch.float16 if (cfg.get("fp16") or {}).get("enabled") else torch.float32
 
 
 # --- inspect -------------------------------------------------------------------------------------
@@ -596,14 +614,8 @@ def _numel(shape: Sequence[int]) -> int:
 
 
 def _tensor_bytes(obj: Any) -> int:
-    """Bytes of every tensor in a nested structure (FakeTensors: sizes only, nothing read)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, Mapping):
-        return sum(_tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in obj)
-    return 0
+    """Bytes of every tensor in a nested structure (sizes only: nothing is read)."""
+    return sum(t.numel() * t.element_size() for t in iter_tensors(obj))
 
 
 def _dtypes(tensors: Any) -> list[str]:
@@ -632,8 +644,7 @@ def inspect_checkpoint(path: str, tag: Optional[str] = None) -> dict:
     frozen = model0.get("frozen_param_shapes") or {}
     module = model0.get("module") or {}
     trainable = [(n, tuple(s)) for g in param_shapes for n, s in g.items()]
-    cfg = model0.get("ds_config") if isinstance(model0.get("ds_config"), dict) else {}
-    run_dtype = "bf16" if ckpt.bf16 else ("fp16" if (cfg.get("fp16") or {}).get("enabled") else "fp32")
+    run_dtype = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[_run_dtype(ckpt, model0)]
     info: dict[str, Any] = {
         "format": "deepspeed",
         "root": path, "tag": ckpt.tag, "tag_dir": ckpt.tag_dir,

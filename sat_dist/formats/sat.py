@@ -146,3 +146,13 @@ def index_files(ckpt: SatCheckpoint, specs: Mapping[str, TensorSpec], mp_ranks: 
                 )
             index.add(Piece(name, stored, tuple(placement.fragments(spec.global_shape))))
     return index
+
+
+def read_index(root: str, specs: Mapping[str, TensorSpec], tp: int, tp_rank: int, tag: Optional[str] = None,
+               prefix: str = "") -> tuple[CheckpointIndex, list[str]]:
+    """Discover `root`, index only the mp files this TP rank needs; returns (index, those files)."""
+    from ..plan import files_needed  # lazy: plan imports this package's index module
+
+    ckpt = discover(root, tag)
+    ranks = files_needed(specs, ckpt.mp_size, tp, tp_rank)
+    return index_files(ckpt, specs, ranks, prefix), [ckpt.files[r] for r in ranks]

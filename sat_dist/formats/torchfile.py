@@ -77,15 +77,15 @@ class StoredTensor:
         return (last + 1) * self.itemsize
 
 
-def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+def iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
         yield obj
     elif isinstance(obj, dict):
         for v in obj.values():
-            yield from _tensors(v)
+            yield from iter_tensors(v)
     elif isinstance(obj, (list, tuple)):
         for v in obj:
-            yield from _tensors(v)
+            yield from iter_tensors(v)
 
 
 def _records(path: str) -> dict[int, int]:
@@ -99,7 +99,7 @@ def _records(path: str) -> dict[int, int]:
 
 def _attach_offsets(path: str, obj: Any) -> None:
     """Give every tensor `_sat_dist_offset`: the file offset of its element 0."""
-    tensors = [t for t in _tensors(obj) if t.untyped_storage().nbytes() > 0]
+    tensors = [t for t in iter_tensors(obj) if t.untyped_storage().nbytes() > 0]
     if not tensors:
         return
     records = _records(path)
