@@ -274,3 +274,15 @@ def to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             continue
         raise KeyError(f"no diffusers name for {k}")
     return out
+
+
+def write_tiny_shipped(base, kind: str, seed: int, args: dict, adjust=None) -> tuple[dict, dict, str]:
+    """A tiny `kind` DiT with random weights in the released folder layout under `base`, and a
+    CogVideo-layout YAML whose args.load is it. `adjust(kind, params, full)` may edit the weights
+    first. Returns (params, full weights, YAML path)."""
+    params = tiny_params(kind)
+    full = random_weights(shape_table(params), seed=seed)
+    if adjust is not None:
+        adjust(kind, params, full)
+    root = write_shipped(os.path.join(str(base), "transformer"), full)
+    return params, full, write_cogvideo_yaml(os.path.join(str(base), "model.yaml"), params, {"load": root, **args})

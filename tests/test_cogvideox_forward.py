@@ -23,7 +23,8 @@ from diffusers import CogVideoXTransformer3DModel
 from diffusers.models.embeddings import get_3d_rotary_pos_embed, get_3d_sincos_pos_embed
 
 import sat_dist
-from cvx_fixtures import random_weights, shape_table, tiny_params, to_diffusers, write_cogvideo_yaml, write_shipped
+from cvx_fixtures import (random_weights, shape_table, tiny_params, to_diffusers, write_cogvideo_yaml, write_shipped,
+                          write_tiny_shipped)
 from dist_harness import run_ranks, values
 from sat_dist.models import TPInfo
 from sat_dist.models.cogvideox import CogVideoXDiT, DiTConfig, rope_freqs_3d, sincos_3d, timestep_embedding
@@ -82,24 +83,22 @@ def _forward(rank, config, tp, inputs, dtype=None):
         return model(**inputs)
 
 
+def _sat_tables(kind, params, full):
+    """The tables released files hold, computed as SAT does (diffusers' functions here)."""
+    if kind == "2b":  # SAT's own sincos table, as a fine-tuned 2B file holds it
+        p = params["modules"]["pos_embed_config"]["params"]
+        sin = get_3d_sincos_pos_embed(params["hidden_size"], (6, 4), 3, spatial_interpolation_scale=1.875)
+        full["mixins.pos_embed.pos_embedding"] = torch.cat(
+            [torch.zeros(p["text_length"], params["hidden_size"]), sin.flatten(0, 1).float()]).unsqueeze(0)
+    if kind in ("5b", "5b_i2v"):  # the v1.0 files hold the RoPE tables
+        cos, sin = get_3d_rotary_pos_embed(16, ((0, 0), (4, 6)), (4, 6), 3)
+        full["mixins.pos_embed.freqs_cos"], full["mixins.pos_embed.freqs_sin"] = cos, sin
+
+
 @pytest.fixture(scope="module")
 def shipped(tmp_path_factory):
-    out = {}
-    for i, kind in enumerate(CASES):
-        base = tmp_path_factory.mktemp(f"fwd_{kind}")
-        params = tiny_params(kind)
-        full = random_weights(shape_table(params), seed=200 + i)
-        if kind == "2b":  # SAT's own table, as a fine-tuned 2B file holds it
-            p = params["modules"]["pos_embed_config"]["params"]
-            sin = get_3d_sincos_pos_embed(params["hidden_size"], (6, 4), 3, spatial_interpolation_scale=1.875)
-            full["mixins.pos_embed.pos_embedding"] = torch.cat(
-                [torch.zeros(p["text_length"], params["hidden_size"]), sin.flatten(0, 1).float()]).unsqueeze(0)
-        if kind in ("5b", "5b_i2v"):  # the v1.0 files hold the RoPE tables (diffusers' computation here)
-            cos, sin = get_3d_rotary_pos_embed(16, ((0, 0), (4, 6)), (4, 6), 3)
-            full["mixins.pos_embed.freqs_cos"], full["mixins.pos_embed.freqs_sin"] = cos, sin
-        root = write_shipped(str(base / "transformer"), full)
-        out[kind] = params, full, write_cogvideo_yaml(str(base / "m.yaml"), params, {"load": root})
-    return out
+    return {kind: write_tiny_shipped(tmp_path_factory.mktemp(f"fwd_{kind}"), kind, 200 + i, {}, _sat_tables)
+            for i, kind in enumerate(CASES)}
 
 
 @pytest.mark.parametrize("kind", list(CASES))

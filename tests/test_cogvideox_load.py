@@ -20,7 +20,7 @@ from diffusers.models.embeddings import get_3d_rotary_pos_embed, get_3d_sincos_p
 
 import sat_dist
 from cvx_fixtures import (CONFIGS, load_params, local_shape, nbytes, random_weights, sat_split, shape_table,
-                          split_rule, tensor_sha, tiny_params, write_cogvideo_yaml, write_shipped)
+                          split_rule, tensor_sha, tiny_params, write_cogvideo_yaml, write_shipped, write_tiny_shipped)
 from dist_harness import run_ranks, values
 
 KINDS = ["2b", "5b", "5b_i2v", "15", "15_i2v"]
@@ -38,11 +38,8 @@ def shipped(tmp_path_factory):
     """Per kind: (full weights, CogVideo-layout YAML whose args.load is the transformer folder)."""
     out = {}
     for i, kind in enumerate(KINDS):
-        base = tmp_path_factory.mktemp(f"cvx_{kind}")
-        params = tiny_params(kind)
-        full = random_weights(shape_table(params), seed=100 + i)
-        root = write_shipped(str(base / "transformer"), full)
-        out[kind] = full, write_cogvideo_yaml(str(base / "model.yaml"), params, {"load": root, "mode": "inference"})
+        _, full, config = write_tiny_shipped(tmp_path_factory.mktemp(f"cvx_{kind}"), kind, 100 + i, {"mode": "inference"})
+        out[kind] = full, config
     return out
 
 
