@@ -14,7 +14,7 @@ from torch import nn
 
 from . import collectives as C
 from .errors import GroupLoadError, SatDistError
-from .report import RankReport, state_dict_digest
+from .report import RankReport
 from .runtime import Runtime
 
 
@@ -69,8 +69,7 @@ def finalize(model: nn.Module) -> None:
     model.requires_grad_(False)
 
 
-def local_status(rt: Runtime, model: nn.Module, replicated: list[str], report: RankReport) -> RankStatus:
-    sd = model.state_dict()
+def local_status(rt: Runtime, model: nn.Module, sd: dict, replicated_digest: str, report: RankReport) -> RankStatus:
     return RankStatus(
         rank=rt.rank,
         tp_rank=rt.tp_rank,
@@ -78,7 +77,7 @@ def local_status(rt: Runtime, model: nn.Module, replicated: list[str], report: R
         training=[n or "<root>" for n, m in model.named_modules() if m.training],
         grads=[n for n, p in model.named_parameters() if p.requires_grad],
         meta=[n for n, t in list(sd.items()) + list(model.named_buffers()) if t.is_meta],
-        replicated_digest=state_dict_digest(sd, replicated) if not any(sd[n].is_meta for n in replicated) else None,
+        replicated_digest=replicated_digest,
         digest=report.digest,
         report=report,
     )

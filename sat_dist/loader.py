@@ -19,7 +19,7 @@ from .errors import ConfigError
 from .materialize import materialize
 from .models import TPInfo, build_meta_model, check_tp, collect_specs
 from .plan import make_plan
-from .report import LoadReport, RankReport, peak_rss_bytes, state_dict_digest
+from .report import LoadReport, RankReport, peak_rss_bytes, state_dict_digests
 from .runtime import Runtime, detect_launch
 
 
@@ -94,15 +94,17 @@ def load_with_runtime(rt: Runtime, cfg: LoadConfig, t0: Optional[float] = None) 
         model.load_state_dict(tensors, strict=True, assign=True)
         del tensors
         finalize(model)
+        sd = model.state_dict()
+        replicated = [n for n, s in specs.items() if s.layout.replicated]
+        digest, replicated_digest = state_dict_digests(sd, replicated)
         rep = RankReport(
             rank=rt.rank, local_rank=rt.launch.local_rank, host=rt.host, tp_rank=rt.tp_rank,
             dp_rank=rt.dp_rank, device=str(rt.device), bytes_read=stats.bytes_read,
             bytes_needed=plan.bytes_needed, peak_rss_bytes=peak_rss_bytes(),
             seconds=round(time.perf_counter() - t0, 4), num_tensors=len(plan.targets),
-            digest=state_dict_digest(model.state_dict()),
+            digest=digest,
         )
-        replicated = [n for n, s in specs.items() if s.layout.replicated]
-        status = local_status(rt, model, replicated, rep)
+        status = local_status(rt, model, sd, replicated_digest, rep)
     except Exception as exc:
         status = RankStatus(rt.rank, describe(exc), rt.tp_rank, rt.dp_rank)
     statuses = agree_loaded(rt, status, cfg.timeout_s)

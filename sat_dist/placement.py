@@ -37,9 +37,6 @@ class Box:
             return None
         return Box(lo, tuple(h - l for l, h in zip(lo, hi)))
 
-    def shift(self, delta: Sequence[int]) -> "Box":
-        return Box(tuple(o + d for o, d in zip(self.offsets, delta)), self.sizes)
-
 
 @dataclass(frozen=True)
 class Fragment:
@@ -128,7 +125,6 @@ class Layout:
 
 
 REPLICATED = Layout()
-
 
 
 def flat_range_boxes(shape: Shape, start: int, stop: int) -> list[tuple[int, Box]]:

@@ -16,18 +16,27 @@ from typing import Iterable, Mapping
 import torch
 
 
-def tensor_digest_update(h, name: str, t: torch.Tensor) -> None:
+def _digest_records(name: str, t: torch.Tensor) -> tuple[bytes, bytes]:
     t = t.detach().contiguous().cpu()
-    h.update(f"{name}|{list(t.shape)}|{str(t.dtype).removeprefix('torch.')}\n".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    head = f"{name}|{list(t.shape)}|{str(t.dtype).removeprefix('torch.')}\n".encode()
+    return head, t.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def state_dict_digest(sd: Mapping[str, torch.Tensor], names: Iterable[str] = None) -> str:
-    """SHA-256 over sorted (name, shape, dtype, raw bytes) of `sd` (or only `names`)."""
-    h = hashlib.sha256()
-    for name in sorted(sd if names is None else names):
-        tensor_digest_update(h, name, sd[name])
-    return h.hexdigest()
+def state_dict_digests(sd: Mapping[str, torch.Tensor], subset: Iterable[str]) -> tuple[str, str]:
+    """`state_dict_digest` of all of `sd` and of only `subset`, in one pass: each tensor is copied
+    to the host and turned into bytes once (a CUDA shard's replicated part would be copied twice)."""
+    full, part, subset = hashlib.sha256(), hashlib.sha256(), set(subset)
+    for name in sorted(sd):
+        head, data = _digest_records(name, sd[name])
+        for h in (full, part) if name in subset else (full,):
+            h.update(head)
+            h.update(data)
+    return full.hexdigest(), part.hexdigest()
+
+
+def state_dict_digest(sd: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over sorted (name, shape, dtype, raw bytes) of `sd`: the load report's digest."""
+    return state_dict_digests(sd, ())[0]
 
 
 def peak_rss_bytes() -> int:

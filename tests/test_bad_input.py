@@ -77,6 +77,16 @@ def test_missing_and_unexpected_keys(ckpt):
     same_error_everywhere(run_ranks(2, _load, ckpt, 2), "unexpected tensors ['transformer.extra.weight']")
 
 
+def test_replicated_tensors_disagreeing_across_files_fail_the_group(ckpt):
+    """At TP=2 each rank reads replicated tensors from its own mp file: if the files disagree, the
+    agreement step names the rank whose copy differs from rank 0's, on every rank."""
+    f1 = os.path.join(ckpt, "1000", "mp_rank_01_model_states.pt")
+    _rewrite(f1, lambda o: o["module"]["transformer.final_layernorm.weight"].add_(1.0))
+    err = same_error_everywhere(run_ranks(2, _load, ckpt, 2), "rank(s) [1]", "during 'agree'",
+                                "replicated tensors differ from rank 0's")
+    assert "rank 0:" not in err
+
+
 def test_shape_mismatch_with_config(ckpt):
     same_error_everywhere(run_ranks(2, _load, ckpt, 2, "model.inner_hidden_size=128"),
                           "transformer.layers.0.mlp.dense_h_to_4h.weight", "has shape [128, 64]", "gives [64, 64]",
