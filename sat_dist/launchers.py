@@ -29,19 +29,9 @@ from typing import Callable, Mapping, Optional
 
 from . import runtime
 from .errors import LaunchError
-from .runtime import LaunchInfo
+from .runtime import LaunchInfo, env_int as _int
 
 SLURM_PORT_BASE = 10000  # below Linux's ephemeral range (32768+), so a derived port is rarely taken
-
-
-def _int(env: Mapping[str, str], key: str) -> Optional[int]:
-    value = env.get(key)
-    if value in (None, ""):
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise LaunchError(f"{key}={value!r} is not an integer; it comes from your launcher, check how it was set") from None
 
 
 # --- SLURM ------------------------------------------------------------------------------------

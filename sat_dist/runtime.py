@@ -13,7 +13,7 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, LaunchError
 
 
 @dataclass(frozen=True)
@@ -33,33 +33,39 @@ class LaunchInfo:
         return asdict(self)
 
 
-def _int(env: Mapping[str, str], key: str, default: Optional[int] = None) -> Optional[int]:
+def env_int(env: Mapping[str, str], key: str, default: Optional[int] = None) -> Optional[int]:
+    """An integer launcher variable (unset or empty: `default`); anything else names itself."""
     value = env.get(key)
-    return int(value) if value not in (None, "") else default
+    if value in (None, ""):
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise LaunchError(f"{key}={value!r} is not an integer; it comes from your launcher, check how it was set") from None
 
 
 def from_torchrun(env: Mapping[str, str]) -> Optional[LaunchInfo]:
     """torchrun / torch.distributed.run (also any launcher that exports RANK and WORLD_SIZE)."""
     if "RANK" not in env or "WORLD_SIZE" not in env:
         return None
-    world = _int(env, "WORLD_SIZE")
-    local_world = _int(env, "LOCAL_WORLD_SIZE", world)
-    rank = _int(env, "RANK")
+    world = env_int(env, "WORLD_SIZE")
+    local_world = env_int(env, "LOCAL_WORLD_SIZE", world)
+    rank = env_int(env, "RANK")
     return LaunchInfo(
         launcher="torchrun" if "TORCHELASTIC_RUN_ID" in env else "env",
         rank=rank,
-        local_rank=_int(env, "LOCAL_RANK", 0),
+        local_rank=env_int(env, "LOCAL_RANK", 0),
         world_size=world,
         local_world_size=local_world,
-        node_rank=_int(env, "GROUP_RANK", rank // max(local_world, 1)),
+        node_rank=env_int(env, "GROUP_RANK", rank // max(local_world, 1)),
         master_addr=env.get("MASTER_ADDR"),
-        master_port=_int(env, "MASTER_PORT"),
+        master_port=env_int(env, "MASTER_PORT"),
     )
 
 
 def single_process(env: Mapping[str, str]) -> LaunchInfo:
     """Plain `python -m sat_dist ...`: one rank, world of one."""
-    return LaunchInfo("single", 0, 0, 1, 1, 0, env.get("MASTER_ADDR"), _int(env, "MASTER_PORT"))
+    return LaunchInfo("single", 0, 0, 1, 1, 0, env.get("MASTER_ADDR"), env_int(env, "MASTER_PORT"))
 
 
 # Ordered: the first detector that recognises the environment wins. SLURM and MPI detectors are

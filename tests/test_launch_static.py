@@ -118,6 +118,8 @@ def test_hostlist_parser_agrees_with_scontrol(nodelist: str) -> None:
 def test_bad_launcher_variable_names_itself() -> None:
     with pytest.raises(LaunchError, match="SLURM_PROCID='x'"):
         from_slurm(SRUN_TASK | {"SLURM_PROCID": "x"})
+    with pytest.raises(LaunchError, match="LOCAL_RANK='0a'"):  # torchrun's variables: the same helper
+        detect_launch({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0a"})
 
 
 def test_mpi_exchange_refuses_a_mismatched_mpi() -> None:
