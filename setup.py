@@ -1,16 +1,18 @@
 """sat_dist: distributed, shard-reading loader for SwissArmyTransformer-family checkpoints."""
+import os
+
 from setuptools import find_packages, setup
 
-# One list of pins: the Makefile, CI and docker/Dockerfile install exactly these (a test checks).
-INSTALL_REQUIRES = [
-    "torch==2.13.0",
-    "numpy",
-    "omegaconf",
-    "safetensors",
-    "deepspeed",
-    "mpi4py",
-    "tqdm",
-]
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _requirements(name: str) -> list[str]:
+    """Pins live in one file that setup.py, the Makefile and docker/Dockerfile all read."""
+    with open(os.path.join(HERE, name)) as f:
+        return [line.strip() for line in f if line.strip() and not line.startswith("#")]
+
+
+INSTALL_REQUIRES = _requirements("requirements.txt")
 
 setup(
     name="sat_dist",
@@ -19,6 +21,6 @@ setup(
     packages=find_packages(include=["sat_dist", "sat_dist.*"]),
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": _requirements("requirements-test.txt")},
     entry_points={"console_scripts": ["sat-dist=sat_dist.cli:main"]},
 )

@@ -20,8 +20,7 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-from dist_harness import run_ranks, values  # noqa: E402
+from sat_dist.testing.dist import run_ranks, values  # noqa: E402
 
 CONFIG = os.path.join(HERE, "..", "configs", "cogvideox_5b.yaml")
 

@@ -20,11 +20,10 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from dist_harness import run_ranks, values  # noqa: E402
+from sat_dist.testing.dist import run_ranks, values  # noqa: E402
 
 import sat_dist  # noqa: E402
-from sat_dist.config import TransformerConfig  # noqa: E402
+from sat_dist.models.sat_gpt import TransformerConfig  # noqa: E402
 from sat_dist.models import TPInfo, build_meta_model, collect_specs  # noqa: E402
 from sat_dist.writer import model_config_dict, random_state_dict, save_sat_checkpoint  # noqa: E402
 

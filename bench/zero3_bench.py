@@ -6,7 +6,7 @@ against DeepSpeed's `zero_to_fp32` + a full load, side by side in one run.
 1. Once (cached in --workdir): the checkpoint files, in DeepSpeed 0.19.8's exact ZeRO-3 layout
    (bf16 run, dp=4: `bf16_zero_pp_rank_R_mp_rank_00_optim_states.pt` with fp32 partitions AND the
    Adam moments, `zero_pp_rank_R_mp_rank_00_model_states.pt` with placeholders), written by
-   bench/ds_zero3_writer.py. Real DeepSpeed training of this model at dp=4 on this 24 GiB / 2-core
+   sat_dist/testing/zero3_writer.py. Real DeepSpeed training of this model at dp=4 on this 24 GiB / 2-core
    machine reached ~18 GiB RSS before the optimizer step and was stopped; the writer mirrors
    DeepSpeed's partitioning and pickles and is checked against real DeepSpeed fixtures by
    tests/test_deepspeed_writer.py (same files, partitions, pickles, zero_to_fp32 output).
@@ -71,7 +71,7 @@ def _drop_caches() -> bool:
         return False
 
 
-# --- 1. the checkpoint, in DeepSpeed's exact ZeRO-3 layout (bench/ds_zero3_writer.py) ----------
+# --- 1. the checkpoint, in DeepSpeed's exact ZeRO-3 layout (sat_dist/testing/zero3_writer.py) ----------
 
 def ds_config() -> dict:
     """The config such a run would use (recorded in the files; bf16 gives the `bf16_` prefix)."""
@@ -87,8 +87,7 @@ def write_checkpoint(out: str) -> None:
     import torch
     from collections import OrderedDict
 
-    sys.path.insert(0, HERE)
-    from ds_zero3_writer import Zero3Spec, write_zero3_checkpoint
+    from sat_dist.testing.zero3_writer import Zero3Spec, write_zero3_checkpoint
     from sat_dist.config import build_model_config
     from sat_dist.models import TPInfo, build_meta_model
 

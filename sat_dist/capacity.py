@@ -14,8 +14,8 @@ import torch
 
 from .config import resolve
 from .errors import ConfigError
-from .models import TPInfo, build_meta_model, collect_specs
-from .models.cogvideox import DiTConfig
+from .models import TPInfo, build_meta_model, collect_specs, family_for
+from .models.family import Latent
 
 GIB = 1 << 30
 
@@ -64,33 +64,6 @@ class CapacityPlan:
         return "\n".join(lines)
 
 
-Latent = tuple[int, int, int]
-
-
-def dit_activation_bytes(cfg: DiTConfig, tp: int, itemsize: int, batch: int,
-                         latent: Optional[Latent]) -> Optional[tuple[int, str]]:
-    """Rough peak activation memory of one DiT forward per TP rank (inference, flash/efficient
-    SDPA, layer by layer): replicated [b,S,h] residual/LN/output tensors plus the widest sharded
-    temporaries (MLP [b,S,4h/tp] in and out of GELU). Returns (bytes, assumptions), or None when the
-    sample size is unknown: the CogVideoX 1.0 DiT runs at its configured latent size only, but a
-    1.5 config gives just the RoPE table's maximum, so its sample size must be passed (`latent`:
-    latent frames, height, width, i.e. after the VAE, before patching)."""
-    a = cfg.arch
-    if latent is None:
-        if not a.v1:
-            return None
-        latent = (a.grid[0], a.grid[1] * a.patch[1], a.grid[2] * a.patch[2])
-    elif a.v1 and (latent[1] != a.grid[1] * a.patch[1] or latent[2] != a.grid[2] * a.patch[2]):
-        raise ConfigError(f"--latent {list(latent)}: the CogVideoX 1.0 DiT runs only at its configured latent size "
-                          f"{a.grid[1] * a.patch[1]}x{a.grid[2] * a.patch[2]}")
-    t, h, w = (-(-n // p) for n, p in zip(latent, a.patch))  # SAT pads the frames to the time patch
-    s = a.text_length + t * h * w
-    per_token = (4 * a.hidden + 2 * a.ffn // tp + 3 * a.hidden // tp) * itemsize
-    what = (f"estimated for batch {batch} x {s} tokens ({a.text_length} text + {t}x{h}x{w} patches of latent "
-            f"{latent[0]}x{latent[1]}x{latent[2]}), flash/mem-efficient attention")
-    return batch * s * per_token, what
-
-
 def capacity_plan(config_files: Sequence[str], tps: Sequence[int], dtype: Optional[str] = None,
                   overrides: Sequence[str] = (), batch: int = 2, latent: Optional[Latent] = None) -> CapacityPlan:
     """Plan every TP size in `tps` for the model the configs describe (see module docstring).
@@ -108,12 +81,13 @@ def capacity_plan(config_files: Sequence[str], tps: Sequence[int], dtype: Option
     specs = collect_specs(model)
     total_params = sum(math.prod(s.global_shape) for s in specs.values())
     plan = CapacityPlan(cfg.model.model_class, name, total_params, total_params * itemsize, None)
-    dit = isinstance(cfg.model, DiTConfig)
-    if latent is not None and not dit:
+    activation = family_for(cfg.model.model_class).activation
+    if latent is not None and activation is None:
         raise ConfigError(f"--latent applies to the CogVideoX DiT only, not {cfg.model.model_class}")
-    if dit and not cfg.model.arch.v1 and latent is None:
-        plan.activation_note = ("n/a: a CogVideoX 1.5 config gives only the RoPE table's maximum; pass --latent T H W "
-                                "(e.g. 22 96 170 for 81 frames at 768x1360)")
+    if activation is not None and latent is None:
+        unsized = activation(cfg.model, 1, itemsize, batch, None)
+        if unsized.bytes is None:  # the config alone cannot say: the note says what to pass, valid TP or not
+            plan.activation_note = unsized.note
     for tp in tps:
         try:
             cfg.model.check_tp(tp)
@@ -131,9 +105,9 @@ def capacity_plan(config_files: Sequence[str], tps: Sequence[int], dtype: Option
                     split += n
             if best is None or split + rep > best.param_bytes:
                 best = TPRow(tp, True, None, split + rep, split, rep)
-        act = dit_activation_bytes(cfg.model, tp, itemsize, batch, latent) if dit else None
-        if act is not None:
-            best.activation_bytes, plan.activation_note = act
+        est = None if activation is None else activation(cfg.model, tp, itemsize, batch, latent)
+        if est is not None and est.bytes is not None:
+            best.activation_bytes, plan.activation_note = est.bytes, est.note
             best.device_bytes = best.param_bytes + best.activation_bytes
         plan.rows.append(best)
     del model

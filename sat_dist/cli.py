@@ -1,4 +1,4 @@
-"""`sat-dist` / `python -m sat_dist`: load, demo, env.
+"""`sat-dist` / `python -m sat_dist`: load, inspect, plan, demo, env.
 
 Every rank runs the same command. On success rank 0 prints the per-rank table; on failure every
 rank prints the same agreed error to stderr and exits 1.
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--weights", choices=["auto", "module", "fp32"], default=None,
                       help="DeepSpeed ZeRO-1/2: module weights (auto, default) or the fp32 master partitions; "
                            "ZeRO-3 always reads the fp32 partitions")
-    insp = sub.add_parser("inspect", help="what a DeepSpeed/SAT checkpoint folder holds (no tensor data read)")
+    insp = sub.add_parser("inspect", help="what a checkpoint holds, any format (no tensor data read)")
     insp.add_argument("checkpoint", help="checkpoint folder (holds 'latest') or a tag folder")
     insp.add_argument("--tag", default=None, help="tag folder to inspect instead of what 'latest' says")
     insp.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -112,7 +112,7 @@ def cmd_load(args: argparse.Namespace, checkpoint: Optional[str]) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import ensure_demo_checkpoint
-    from .runtime import detect_launch
+    from .launch import detect_launch
 
     launch = detect_launch()
     path = ensure_demo_checkpoint(writer=launch.local_rank == 0)
@@ -129,7 +129,8 @@ def cmd_env(_: argparse.Namespace) -> int:
 
     import torch
 
-    from .runtime import detect_launch, pick_backend, pick_device
+    from .launch import detect_launch
+    from .runtime import pick_backend, pick_device
 
     info = detect_launch().to_dict()
     dev = pick_device(info["local_rank"])
@@ -143,10 +144,10 @@ def cmd_env(_: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .formats.deepspeed import format_inspect, inspect_checkpoint
+    from . import formats
 
-    info = inspect_checkpoint(args.checkpoint, args.tag)
-    print(json.dumps(info, indent=2, default=str) if args.json else format_inspect(info), flush=True)
+    info = formats.describe(args.checkpoint, args.tag)
+    print(json.dumps(info, indent=2, default=str) if args.json else formats.render(info), flush=True)
     return 0
 
 
@@ -170,7 +171,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _rank_for_messages() -> str:
     """This process's rank as the launcher sees it (srun/mpirun set no RANK), for error lines."""
     try:
-        from .runtime import detect_launch
+        from .launch import detect_launch
 
         return str(detect_launch().rank)
     except Exception:  # detection itself may be what failed

@@ -1,7 +1,8 @@
-"""Every torch.distributed call sat_dist makes lives here.
+"""The process group's lifecycle and every load-time collective.
 
-Keeping collectives in one module makes the communication pattern auditable: a load does
-exactly two object all-gathers (plan agreement, final agreement) plus TP forward collectives.
+Keeping them in one module makes the communication pattern auditable: a load creates (or joins)
+the default group and the TP groups, then does exactly two object all-gathers (plan agreement,
+final agreement). The TP forward collectives live with the models (`models/tp_ops.py`).
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import torch
 import torch.distributed as dist
 
 from .errors import RendezvousError
-from .runtime import LaunchInfo, Mesh, Runtime, pick_backend, pick_device
+from .launch import LaunchInfo
+from .runtime import Mesh, Runtime, pick_backend, pick_device
 
 
 def setup(
@@ -22,7 +24,7 @@ def setup(
     device: Optional[str] = None,
     timeout_s: float = 300.0,
 ) -> Runtime:
-    """Join (or create) the default process group and build the TP and DP groups.
+    """Join (or create) the default process group and build the TP groups.
 
     An existing default group (a user's script that already called init_process_group) is reused
     and left alone at the end; otherwise we create one and `teardown` destroys it.
@@ -61,16 +63,12 @@ def setup(
             launch.local_world_size, launch.node_rank, launch.master_addr, launch.master_port,
         )
         mesh = Mesh(launch.world_size, tp)
-    rt = Runtime(launch=launch, mesh=mesh, device=dev, backend=backend, owns_process_group=owns)
+    rt = Runtime(launch=launch, mesh=mesh, device=dev, owns_process_group=owns)
     # new_group must be called by every rank for every group, in the same order.
     for ranks in mesh.tp_groups():
         group = dist.new_group(ranks, timeout=timeout) if mesh.tp > 1 else None
         if launch.rank in ranks:
             rt.tp_group = group
-    for ranks in mesh.dp_groups():
-        group = dist.new_group(ranks, timeout=timeout) if mesh.dp > 1 else None
-        if launch.rank in ranks:
-            rt.dp_group = group
     return rt
 
 
@@ -87,30 +85,3 @@ def all_gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-# --- tensor-parallel forward collectives (SAT's mpu mappings, inference only) -------------------
-
-def tp_world(group) -> int:
-    return 1 if group is None else dist.get_world_size(group)
-
-
-def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
-    """Sum partial results across the TP group (RowParallelLinear, VocabParallelEmbedding)."""
-    if tp_world(group) == 1:
-        return x
-    x = x.contiguous()
-    dist.all_reduce(x, group=group)
-    return x
-
-
-def gather_last_dim_from_tp(x: torch.Tensor, group) -> torch.Tensor:
-    """Concatenate TP shards along the last dim (vocab-parallel logits)."""
-    n = tp_world(group)
-    if n == 1:
-        return x
-    x = x.contiguous()
-    parts = [torch.empty_like(x) for _ in range(n)]
-    dist.all_gather(parts, x, group=group)
-    return torch.cat(parts, dim=-1)
-

@@ -2,20 +2,22 @@
 
 Sources merge with OmegaConf, later wins: the checkpoint's `model_config.json` (SAT writes it),
 then each `--config` YAML, then `key=value` overrides, then explicit arguments (--tp, --dtype).
-Unknown keys are errors that name the key: a typo must not silently load a different model.
+Unknown keys are errors that name the key: a typo must not silently load a different model. The
+model's own schema belongs to its family (`models.FAMILIES`); this module only merges and checks.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from . import formats
 from .errors import ConfigError
+from .models import FAMILIES
 
 DTYPES = {
     "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
@@ -31,91 +33,6 @@ def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
     if key not in DTYPES:
         raise ConfigError(f"unknown dtype {name!r}; use one of fp32, fp16, bf16")
     return DTYPES[key]
-
-
-def check_tp_divides(tp: int, limits: dict[str, int]) -> None:
-    """Refuse a TP size that does not divide every split dimension, saying which sizes work
-    (shared by every model config's `check_tp`)."""
-    ok = [n for n in range(1, min(limits.values()) + 1) if all(v % n == 0 for v in limits.values())]
-    if tp < 1:
-        raise ConfigError(f"TP must be >= 1, got {tp}; TP sizes that work for this model: {ok}")
-    bad = {k: v for k, v in limits.items() if v % tp}
-    if bad:
-        what = ", ".join(f"{k}={v}" for k, v in bad.items())
-        raise ConfigError(f"TP={tp} does not divide {what}; TP sizes that work for this model: {ok}")
-
-
-@dataclass
-class TransformerConfig:
-    """SAT BaseModel / BaseTransformer architecture arguments (names exactly as SAT's)."""
-
-    num_layers: int
-    hidden_size: int
-    num_attention_heads: int
-    vocab_size: int
-    max_sequence_length: int
-    model_class: str = "BaseModel"
-    model_parallel_size: int = 1  # the TP size the checkpoint was saved with (informative)
-    inner_hidden_size: Optional[int] = None
-    hidden_size_per_attention_head: Optional[int] = None
-    num_multi_query_heads: int = 0
-    is_gated_mlp: bool = False
-    use_bias: bool = True
-    use_qkv_bias: bool = False
-    use_final_layernorm: bool = True
-    layernorm_order: str = "pre"
-    layernorm_epsilon: float = 1e-5
-    is_rotary_emb: bool = False
-    parallel_output: bool = False
-    tokenizer_type: Optional[str] = None  # recorded by SAT, irrelevant to loading
-
-    # SAT options that change the weights in ways this loader does not implement: refused by
-    # name when set to anything but SAT's default, rather than loaded wrongly.
-    UNSUPPORTED = {
-        "is_decoder": False, "cross_attn_hidden_size": None, "cross_hidden_size_per_attention_head": None,
-        "cross_num_multi_query_heads": 0, "num_experts": 1, "row_parallel_linear_final_bias": True,
-    }
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size_per_attention_head or self.hidden_size // self.num_attention_heads
-
-    @property
-    def ffn_size(self) -> int:
-        return self.inner_hidden_size or 4 * self.hidden_size
-
-    def validate(self) -> None:
-        for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_sequence_length"):
-            if int(getattr(self, name)) <= 0:
-                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
-        if self.hidden_size_per_attention_head is None and self.hidden_size % self.num_attention_heads:
-            raise ConfigError(
-                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
-                f"{self.num_attention_heads}; set hidden_size_per_attention_head"
-            )
-        if self.num_multi_query_heads and self.num_attention_heads % self.num_multi_query_heads:
-            raise ConfigError(
-                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
-                f"num_multi_query_heads {self.num_multi_query_heads}"
-            )
-        if self.layernorm_order not in ("pre", "post", "sandwich"):
-            raise ConfigError(f"layernorm_order must be pre, post or sandwich, got {self.layernorm_order!r}")
-
-    def check_tp(self, tp: int) -> None:
-        """Say which TP sizes work before any rank reads a byte."""
-        limits = {"num_attention_heads": self.num_attention_heads, "inner_hidden_size (MLP width)": self.ffn_size}
-        if self.num_multi_query_heads:
-            limits["num_multi_query_heads"] = self.num_multi_query_heads
-        if self.vocab_size >= 1000:  # SAT uses a replicated nn.Embedding below 1000
-            limits["vocab_size"] = self.vocab_size
-        check_tp_divides(tp, limits)
-
-
-# model_class -> config dataclass. Other model families register here (see models/__init__.py).
-MODEL_CONFIGS: dict[str, type] = {
-    "BaseModel": TransformerConfig,
-    "GPT2Model": TransformerConfig,
-}
 
 
 @dataclass
@@ -145,19 +62,15 @@ def _to_container(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
 
 
-# Hooks that turn a foreign YAML layout (e.g. CogVideo's) into {"model": ..., "load": ...}.
-# Each takes the merged dict and returns a normalised dict or None if it does not recognise it.
-LAYOUT_ADAPTERS: list[Callable[[dict], Optional[dict]]] = []
-
-
 def build_model_config(model: dict) -> Any:
+    """The model_class's family schema from a merged dict: unknown, unsupported and missing keys
+    are errors that name them."""
     model = dict(model)
     cls_name = model.get("model_class", "BaseModel")
-    if cls_name not in MODEL_CONFIGS:
-        raise ConfigError(
-            f"model_class {cls_name!r} is not supported; supported: {sorted(MODEL_CONFIGS)}"
-        )
-    cls = MODEL_CONFIGS[cls_name]
+    classes = {c: f.config_cls for f in FAMILIES for c in f.model_classes}
+    if cls_name not in classes:
+        raise ConfigError(f"model_class {cls_name!r} is not supported; supported: {sorted(classes)}")
+    cls = classes[cls_name]
     names = {f.name for f in dataclasses.fields(cls)}
     unsupported = getattr(cls, "UNSUPPORTED", {})
     for key in list(model):
@@ -189,7 +102,7 @@ def resolve(
             raise ConfigError(f"config file {path} does not exist")
         layers.append(OmegaConf.load(path))
     merged = _to_container(OmegaConf.merge(*layers)) if layers else {}
-    for adapter in LAYOUT_ADAPTERS:
+    for adapter in (f.adapt_yaml for f in FAMILIES if f.adapt_yaml is not None):
         adapted = adapter(merged)
         if adapted is not None:
             merged = adapted
@@ -216,11 +129,8 @@ def resolve(
 
     sources: list = []
     ckpt = load.get("checkpoint")
-    if ckpt:
-        json_path = os.path.join(ckpt, "model_config.json")
-        if os.path.isfile(json_path):
-            with open(json_path) as f:
-                sources.append(json.load(f))
+    if ckpt and os.path.exists(ckpt):
+        sources.append(formats.model_config(ckpt) or {})
     sources += [merged.get("model") or {}, dot.get("model") or {}]
     try:  # deep merge: an override of one nested key (transformer_args.x) keeps its siblings
         model = _to_container(OmegaConf.merge(*(OmegaConf.create(src) for src in sources)))

@@ -6,8 +6,8 @@ import shutil
 import tempfile
 import time
 
-from .config import TransformerConfig
 from .models import TPInfo, build_meta_model, collect_specs
+from .models.sat_gpt import TransformerConfig
 from .writer import model_config_dict, random_state_dict, save_sat_checkpoint
 
 DEMO_MODEL = TransformerConfig(num_layers=2, hidden_size=256, num_attention_heads=8, vocab_size=2048,

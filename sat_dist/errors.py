@@ -32,3 +32,12 @@ class GroupLoadError(SatDistError):
     def __init__(self, message: str, failures: dict):
         super().__init__(message)
         self.failures = failures  # rank -> "ErrorType: message"
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickle names a global outside the allow-list: refused before anything is unpickled."""
+
+
+class MalformedCheckpointError(CheckpointError):
+    """A file's own structure is invalid (a safetensors header that is not what the format allows):
+    refused while validating the header, before anything is sized by it."""

@@ -17,10 +17,12 @@ from .agree import RankStatus, agree_loaded, agree_phase, describe, finalize, lo
 from .config import LoadConfig, resolve
 from .errors import ConfigError
 from .materialize import materialize
+from .formats.base import IndexRequest
+from .launch import detect_launch
 from .models import TPInfo, build_meta_model, check_tp, collect_specs
 from .plan import make_plan
 from .report import LoadReport, RankReport, peak_rss_bytes, state_dict_digests
-from .runtime import Runtime, detect_launch
+from .runtime import Runtime
 
 
 def load_model(
@@ -77,8 +79,8 @@ def load_with_runtime(rt: Runtime, cfg: LoadConfig, t0: Optional[float] = None) 
         model = build_meta_model(cfg.model, TPInfo(rt.tp, rt.tp_rank, rt.tp_group))
         specs = collect_specs(model)
         prefix = getattr(model, "checkpoint_prefix", "")
-        index, prefer = formats.open_index(cfg.checkpoint, specs, rt.tp, rt.tp_rank, cfg.tag, prefix,
-                                           weights=cfg.weights)
+        index, prefer = formats.open_index(IndexRequest(cfg.checkpoint, specs, rt.tp, rt.tp_rank, cfg.tag, prefix,
+                                                        cfg.weights))
         # Tensors the file lacks but the model fills itself on load (index.meta["absent"]).
         specs = {n: s for n, s in specs.items() if n not in index.meta.get("absent", {})}
         # No --dtype: the reader's default (bf16 for a bf16 DeepSpeed run's fp32 masters), else as stored.

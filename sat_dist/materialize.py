@@ -8,7 +8,6 @@ the staging budget, never by the checkpoint size. `bytes_read` counts exactly wh
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -21,8 +20,6 @@ from .plan import CopyOp, ReadPlan
 @dataclass
 class ReadStats:
     bytes_read: int = 0
-    reads: int = 0
-    seconds: float = 0.0
 
 
 def _pread_into(fd: int, view: memoryview, offset: int, path: str, op: CopyOp) -> int:
@@ -44,7 +41,6 @@ def _slices(op: CopyOp) -> tuple[slice, ...]:
 
 def materialize(plan: ReadPlan, device: torch.device) -> tuple[dict[str, torch.Tensor], ReadStats]:
     """Allocate every target on `device` and fill it by executing `plan.ops` in order."""
-    t0 = time.perf_counter()
     stats = ReadStats()
     tensors = {name: torch.empty(t.shape, dtype=t.dtype, device=device) for name, t in plan.targets.items()}
     # The planner already cut ops to the staging budget; one buffer of the largest op is reused.
@@ -70,12 +66,10 @@ def materialize(plan: ReadPlan, device: torch.device) -> tuple[dict[str, torch.T
             for runset in op.runs:
                 for offset, length in runset.runs():
                     pos += _pread_into(fd, view[pos: pos + length], offset, op.file, op)
-                    stats.reads += 1
             stats.bytes_read += pos
             if not direct:
                 dst.copy_(buf.view(op.src_dtype).view(op.shape))
     finally:
         for fd in fds.values():
             os.close(fd)
-    stats.seconds = time.perf_counter() - t0
     return tensors, stats

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 Shape = tuple[int, ...]
 
@@ -125,6 +125,40 @@ class Layout:
 
 
 REPLICATED = Layout()
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What planning needs to know about one model tensor: its full shape and how it is split."""
+
+    global_shape: Shape
+    layout: Layout
+    # Non-empty for a tensor SAT's model has but released files may lack (SAT's load tolerates it):
+    # what the model uses instead. Readers then report it absent rather than missing.
+    if_absent: str = ""
+
+    def placement(self, tp: int, tp_rank: int) -> Placement:
+        return self.layout.placement(tp, tp_rank)
+
+
+def files_needed(specs: Mapping[str, TensorSpec], saved_parts: int, tp: int, tp_rank: int) -> list[int]:
+    """Which of `saved_parts` TP-sharded files this rank must open (from layouts alone).
+
+    A file is needed if one of its split fragments overlaps this rank's; replicated tensors are
+    read from the first needed file (every SAT mp file holds them)."""
+    needed: set[int] = set()
+    for spec in specs.values():
+        if spec.layout.replicated or saved_parts == 1:
+            continue
+        mine = spec.placement(tp, tp_rank).fragments(spec.global_shape)
+        for r in range(saved_parts):
+            theirs = spec.layout.placement(saved_parts, r).fragments(spec.global_shape)
+            if any(a.logical.intersect(b.logical) for a in mine for b in theirs):
+                needed.add(r)
+    first = tp_rank * saved_parts // tp
+    if not needed:
+        needed.add(first)
+    return sorted(needed, key=lambda r: (r != first, r))
 
 
 def flat_range_boxes(shape: Shape, start: int, stop: int) -> list[tuple[int, Box]]:

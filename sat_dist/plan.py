@@ -15,10 +15,8 @@ from typing import Iterable, Iterator, Mapping, Optional, Sequence
 import torch
 
 from .errors import PlanError
-from .formats.index import CheckpointIndex, Piece
-from .formats.torchfile import StoredTensor
-from .models.layers import TensorSpec
-from .placement import Box
+from .index import CheckpointIndex, Piece, StoredTensor
+from .placement import Box, TensorSpec
 
 Shape = tuple[int, ...]
 
@@ -214,23 +212,3 @@ def make_plan(
         _check_exact_cover(name, local_shape, boxes, files)
     plan.ops.sort(key=lambda op: (op.file, op.first_byte))
     return plan
-
-
-def files_needed(specs: Mapping[str, TensorSpec], saved_parts: int, tp: int, tp_rank: int) -> list[int]:
-    """Which of `saved_parts` TP-sharded files this rank must open (pure: from layouts alone).
-
-    A file is needed if one of its split fragments overlaps this rank's; replicated tensors are
-    read from the first needed file (every SAT mp file holds them)."""
-    needed: set[int] = set()
-    for spec in specs.values():
-        if spec.layout.replicated or saved_parts == 1:
-            continue
-        mine = spec.placement(tp, tp_rank).fragments(spec.global_shape)
-        for r in range(saved_parts):
-            theirs = spec.layout.placement(saved_parts, r).fragments(spec.global_shape)
-            if any(a.logical.intersect(b.logical) for a in mine for b in theirs):
-                needed.add(r)
-    if not needed:
-        needed.add(tp_rank * saved_parts // tp)
-    first = tp_rank * saved_parts // tp
-    return sorted(needed, key=lambda r: (r != first, r))

@@ -10,7 +10,7 @@ from typing import Mapping
 
 import torch
 
-from .models.layers import TensorSpec
+from .placement import TensorSpec
 
 
 def shard_state_dict(full: Mapping[str, torch.Tensor], specs: Mapping[str, TensorSpec], parts: int,

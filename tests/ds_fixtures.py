@@ -5,7 +5,7 @@ can prove the load path does not either):
 
     python tests/ds_fixtures.py OUT --dp 2
 
-It forks `dp * mp` gloo ranks (tests/dist_harness.py) that each build SATModel (TP=mp, Megatron
+It forks `dp * mp` gloo ranks (sat_dist/testing/dist.py) that each build SATModel (TP=mp, Megatron
 style: DeepSpeed gets an `mpu`), let DeepSpeed 0.19.8 on CPU train it one step and save it, once
 per variant below. References the tests compare against, all computed by DeepSpeed's own code:
 
@@ -152,8 +152,7 @@ def _patch_tp_autograd() -> None:
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    from sat_dist import collectives as C
-    from sat_dist.models import layers
+    from sat_dist.models import layers, tp_ops
 
     class CopyToTP(torch.autograd.Function):
         @staticmethod
@@ -178,7 +177,8 @@ def _patch_tp_autograd() -> None:
         def backward(ctx, grad):
             return grad, None
 
-    C.reduce_from_tp = lambda x, group: x if C.tp_world(group) == 1 else ReduceFromTP.apply(x, group)
+    # layers imports reduce_from_tp by name: patch the name its forwards look up.
+    layers.reduce_from_tp = lambda x, group: x if tp_ops.tp_world(group) == 1 else ReduceFromTP.apply(x, group)
     layers.ColumnParallelLinear.forward = lambda self, x: F.linear(CopyToTP.apply(x, self.tp.group), self.weight,
                                                                    self.bias)
 
@@ -315,7 +315,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     # Skip the g++ JIT build of deepspeed_shm_comm (ENVIRONMENT.md section 4).
     importlib.import_module("deepspeed.comm.torch")
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
-    from dist_harness import run_ranks, values
+    from sat_dist.testing.dist import run_ranks, values
 
     names = args.only or [v.name for v in VARIANTS if v.mp == args.mp]
     t0 = time.perf_counter()

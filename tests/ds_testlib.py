@@ -85,7 +85,7 @@ def case(tmp_path_factory, kind: str, name: str) -> Case:
 
 
 def sat_merge(name: str, parts: list[torch.Tensor], cfg: dict) -> torch.Tensor:
-    """Full tensor from SAT's mp shards (inverse of sat_split; FORMATS.md section 4 merge())."""
+    """Full tensor from SAT's mp shards (inverse of sat_split)."""
     n = len(parts)
     if n == 1:
         return parts[0]

@@ -1,5 +1,5 @@
 """Subprocess helper for tests/test_deepspeed_writer.py (imports deepspeed, so it runs outside
-the pytest process): rewrite a real-DeepSpeed ZeRO-3 fixture with bench/ds_zero3_writer.py from
+the pytest process): rewrite a real-DeepSpeed ZeRO-3 fixture with sat_dist/testing/zero3_writer.py from
 the fixture's own weights, then compare the two checkpoints file by file.
 
     python tests/ds_writer_check.py FIXTURE_VARIANT_DIR OUT_DIR   -> prints one JSON line
@@ -16,7 +16,6 @@ from collections import OrderedDict
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "bench"))
 
 
 def struct(obj):
@@ -43,7 +42,7 @@ def main(src: str, out: str) -> int:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     import ds_fixtures
-    from ds_zero3_writer import Zero3Spec, write_zero3_checkpoint
+    from sat_dist.testing.zero3_writer import Zero3Spec, write_zero3_checkpoint
     from sat_dist.config import build_model_config
     from sat_dist.models import TPInfo, build_meta_model
 

@@ -38,12 +38,9 @@ _LAUNCHER_VARS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTE
 
 
 def setup_install_requires() -> list[str]:
-    """INSTALL_REQUIRES as written in setup.py (parsed, not executed)."""
-    tree = ast.parse(open(os.path.join(REPO, "setup.py")).read())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "INSTALL_REQUIRES" for t in node.targets):
-            return list(ast.literal_eval(node.value))
-    raise AssertionError("setup.py has no INSTALL_REQUIRES list")
+    """The runtime pins: requirements.txt, the one file setup.py, the Makefile and the Dockerfile read."""
+    with open(os.path.join(REPO, "requirements.txt")) as f:
+        return [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
 
 
 def clean_env(extra: Optional[Mapping[str, str]] = None, bin_dir: str = VENV_BIN) -> dict[str, str]:

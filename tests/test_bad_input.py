@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import sat_dist
-from dist_harness import run_ranks, values
+from sat_dist.testing.dist import run_ranks, values
 from sat_rules import CONFIGS, full_state_dict, write_sat_checkpoint
 
 CFG = CONFIGS["plain"]

@@ -25,7 +25,7 @@ from diffusers.models.embeddings import get_3d_rotary_pos_embed, get_3d_sincos_p
 import sat_dist
 from cvx_fixtures import (random_weights, shape_table, tiny_params, to_diffusers, write_cogvideo_yaml, write_shipped,
                           write_tiny_shipped)
-from dist_harness import run_ranks, values
+from sat_dist.testing.dist import run_ranks, values
 from sat_dist.models import TPInfo
 from sat_dist.models.cogvideox import CogVideoXDiT, DiTConfig, rope_freqs_3d, sincos_3d, timestep_embedding
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from cvx_fixtures import CONFIGS, REPO, load_params, local_shape, shape_table, split_rule, write_cogvideo_yaml
-from dist_harness import run_ranks
+from sat_dist.testing.dist import run_ranks
 from sat_dist.cli import main as cli_main
 from sat_dist.config import resolve
 from sat_dist.errors import ConfigError

@@ -21,7 +21,7 @@ from diffusers.models.embeddings import get_3d_rotary_pos_embed, get_3d_sincos_p
 import sat_dist
 from cvx_fixtures import (CONFIGS, load_params, local_shape, nbytes, random_weights, sat_split, shape_table,
                           split_rule, tensor_sha, tiny_params, write_cogvideo_yaml, write_shipped, write_tiny_shipped)
-from dist_harness import run_ranks, values
+from sat_dist.testing.dist import run_ranks, values
 
 KINDS = ["2b", "5b", "5b_i2v", "15", "15_i2v"]
 

@@ -3,8 +3,9 @@ import json
 
 import pytest
 
-from sat_dist.config import TransformerConfig, resolve
+from sat_dist.config import resolve
 from sat_dist.errors import ConfigError
+from sat_dist.models.sat_gpt import TransformerConfig
 
 
 def write(path, text):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import sat_dist
-from dist_harness import run_ranks, values
+from sat_dist.testing.dist import run_ranks, values
 from sat_dist.report import state_dict_digest
 from sat_rules import CONFIGS, full_state_dict, sat_split, write_sat_checkpoint
 

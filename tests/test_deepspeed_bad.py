@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from dist_harness import run_ranks
+from sat_dist.testing.dist import run_ranks
 from ds_testlib import case, load_error, same_error_everywhere, warm_up
 
 warm_up()

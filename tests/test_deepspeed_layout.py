@@ -2,8 +2,9 @@
 dp=12 (natural sort: rank 10 after rank 9), params smaller than dp (ranks holding only padding),
 3-D params, ZeRO-1/2 params straddling many partitions, ZeRO-3 sub-groups cutting mid-list, and
 TP splits of every kind. The files are laid out by this test's own writer, written from the rules
-in FORMATS.md section 2 (independent of sat_dist and of bench/ds_zero3_writer.py); `zero_stage`
-is pickled as a plain int so no DeepSpeed class is needed."""
+in microsoft/DeepSpeed deepspeed/utils/zero_to_fp32.py (independent of sat_dist and of
+sat_dist/testing/zero3_writer.py); `zero_stage` is pickled as a plain int so no DeepSpeed class
+is needed."""
 import math
 import os
 from collections import OrderedDict
@@ -13,9 +14,9 @@ import torch
 
 from sat_dist.errors import CheckpointError
 from sat_dist.formats import deepspeed as ds
+from sat_dist.formats.base import IndexRequest
 from sat_dist.materialize import materialize
-from sat_dist.models.layers import TensorSpec
-from sat_dist.placement import REPLICATED, Layout
+from sat_dist.placement import REPLICATED, Layout, TensorSpec
 from sat_dist.plan import make_plan
 from sat_rules import strided_split
 
@@ -109,10 +110,14 @@ def write_zero12(root, full, dp, groups, stage=2, padding="spread", tied=None):
         f.write("global_step7")
 
 
+def _read_fp32(root, specs, tp, rank):
+    return ds.index(IndexRequest(root, specs, tp, rank, weights="fp32"))
+
+
 def _load_all_ranks(root, full, tp, specs=SPECS, dtype=None):
     """Index, plan and read every TP rank; each tensor must be the full tensor's SAT split."""
     for rank in range(tp):
-        index, prefer = ds.read(root, specs, tp, rank, weights="fp32")
+        index, prefer = _read_fp32(root, specs, tp, rank)
         plan = make_plan(specs, tp, rank, index, dtype or index.meta.get("default_dtype"), prefer)
         tensors, stats = materialize(plan, torch.device("cpu"))
         for n in SPECS:
@@ -160,7 +165,7 @@ def test_zero12_truncated_partition_named(tmp_path):
     torch.save(obj, path)
     with pytest.raises(CheckpointError, match=r"bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt: param group 0 "
                                               r"partition holds 5 fp32 elements .* put 82 "):
-        ds.read(str(tmp_path), SPECS, 1, 0, weights="fp32")
+        _read_fp32(str(tmp_path), SPECS, 1, 0)
 
 
 def test_zero12_tied_alias_reads_the_owners_fp32_master(tmp_path):
@@ -170,7 +175,7 @@ def test_zero12_tied_alias_reads_the_owners_fp32_master(tmp_path):
     specs = SPECS | {"bias_tied": TensorSpec((7,), REPLICATED)}
     write_zero12(str(tmp_path), full, 2, [list(SPECS)], tied={"bias_tied": "bias"})
     for rank in range(3):
-        index, prefer = ds.read(str(tmp_path), specs, 3, rank, weights="fp32")
+        index, prefer = _read_fp32(str(tmp_path), specs, 3, rank)
         tensors, _ = materialize(make_plan(specs, 3, rank, index, torch.float32, prefer), torch.device("cpu"))
         assert torch.equal(tensors["bias_tied"], full["bias"]) and torch.equal(tensors["bias"], full["bias"])
 
@@ -187,7 +192,7 @@ def test_zero3_frozen_param_shape_is_checked(tmp_path):
         torch.save(ms, path)
     with pytest.raises(CheckpointError, match=r"tensor 'cube' has shape \[3, 6, 2\] in the checkpoint but the "
                                               r"model config gives \[6, 3, 2\]"):
-        ds.read(str(tmp_path), SPECS, 1, 0, weights="fp32")
+        _read_fp32(str(tmp_path), SPECS, 1, 0)
 
 
 def test_files_sorted_by_rank_number(tmp_path):
@@ -203,10 +208,10 @@ def test_fp16_run_defaults_to_fp16(tmp_path):
     trainable params (fp32 masters) and frozen ones/buffers (16-bit in the run) agree."""
     full = _full()
     write_zero3(str(tmp_path), full, 2, [list(SPECS)])
-    index, _ = ds.read(str(tmp_path), SPECS, 1, 0, weights="fp32")
+    index, _ = _read_fp32(str(tmp_path), SPECS, 1, 0)
     assert "default_dtype" not in index.meta  # an fp32 run: stored dtype
     path = os.path.join(str(tmp_path), "global_step7", "zero_pp_rank_0_mp_rank_00_model_states.pt")
     torch.save(torch.load(path, weights_only=True) | {"ds_config": {"fp16": {"enabled": True}}}, path)
-    index, _ = ds.read(str(tmp_path), SPECS, 1, 0, weights="fp32")
+    index, _ = _read_fp32(str(tmp_path), SPECS, 1, 0)
     assert index.meta["default_dtype"] == torch.float16
-    assert ds.inspect_checkpoint(str(tmp_path))["run_dtype"] == "fp16"
+    assert ds.describe(str(tmp_path))["run_dtype"] == "fp16"

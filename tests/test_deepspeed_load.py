@@ -10,7 +10,7 @@ contract is <= 1.1x); deepspeed is never imported by the load path.
 import pytest
 import torch
 
-from dist_harness import run_ranks, values
+from sat_dist.testing.dist import run_ranks, values
 from ds_fixtures import VARIANTS
 from ds_testlib import case, expected, load_rank, local_expectation, warm_up
 

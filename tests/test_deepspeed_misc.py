@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from dist_harness import run_ranks, values
+from sat_dist.testing.dist import run_ranks, values
 from ds_testlib import (case, expected, fixtures, fp32_partition_keys, load_rank, local_expectation,
                         poison_all_but, warm_up)
 from sat_dist.formats import ds_pickle

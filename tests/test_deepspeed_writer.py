@@ -1,4 +1,4 @@
-"""bench/ds_zero3_writer.py (used by bench/zero3_bench.py for a 504M-parameter ZeRO-3 checkpoint
+"""sat_dist/testing/zero3_writer.py (used by bench/zero3_bench.py for a 504M-parameter ZeRO-3 checkpoint
 that real DeepSpeed cannot train on this machine) against real DeepSpeed ZeRO-3 fixtures:
 rewriting a fixture from its own weights gives the same file names, the same pickle structure and
 globals, the same param_shapes and partitions (outside DeepSpeed's uninitialised padding), the same
@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from dist_harness import run_ranks, values
+from sat_dist.testing.dist import run_ranks, values
 from ds_testlib import HERE, case, load_rank, warm_up
 
 warm_up()

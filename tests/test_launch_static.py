@@ -10,10 +10,10 @@ import subprocess
 import pytest
 
 from launch_helpers import REPO, clean_env, run, setup_install_requires, slurm_cluster
-from sat_dist import launchers, runtime
-from sat_dist.launchers import (LaunchError, MpiRendezvous, first_host_of_nodelist, from_mpich, from_openmpi,
-                                from_slurm, tasks_on_node)
-from sat_dist.runtime import LaunchInfo, detect_launch
+from sat_dist import launch as launchers
+from sat_dist.errors import LaunchError
+from sat_dist.launch import (LaunchInfo, MpiRendezvous, detect_launch, first_host_of_nodelist, from_mpich,
+                             from_openmpi, from_slurm, tasks_on_node)
 
 # Captured from `srun -n 4` (task 2) on the single-node cluster of tests/cluster/slurm.sh.
 SRUN_TASK = {
@@ -55,7 +55,7 @@ def test_torchrun_wins_over_slurm_and_mpi() -> None:
     env = SRUN_TASK | OMPI_RANK1 | {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4",
                                     "GROUP_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "29400",
                                     "TORCHELASTIC_RUN_ID": "x"}
-    assert runtime.DETECTORS[0] is runtime.from_torchrun
+    assert launchers.DETECTORS[0] is launchers.from_torchrun
     assert detect_launch(env) == LaunchInfo("torchrun", 5, 1, 8, 4, 1, "n1", 29400)
 
 
@@ -148,19 +148,18 @@ def test_script_has_usage_header_and_parses(script: str) -> None:
     subprocess.run(["bash", "-n", path], check=True)
 
 
-def dockerfile_requirements() -> list[str]:
-    text = open(os.path.join(REPO, "docker", "Dockerfile")).read()
-    m = re.search(r"# BEGIN INSTALL_REQUIRES\n(.*?)# END INSTALL_REQUIRES", text, re.S)
-    assert m, "docker/Dockerfile lost its '# BEGIN/END INSTALL_REQUIRES' block"
-    return re.findall(r'"([^"]+)"', m.group(1))
-
-
-def test_docker_pins_equal_setup_py() -> None:
-    setup_reqs = setup_install_requires()
-    docker_reqs = dockerfile_requirements()
-    assert sorted(docker_reqs) == sorted(setup_reqs), (
-        f"docker/Dockerfile installs {docker_reqs} but setup.py's INSTALL_REQUIRES is {setup_reqs}: "
-        f"copy setup.py's list into the Dockerfile's INSTALL_REQUIRES block")
+def test_pins_live_in_one_file_that_setup_makefile_and_docker_read() -> None:
+    """requirements.txt is the one list: setup.py, the Makefile's venv and the Dockerfile install it."""
+    setup_py = open(os.path.join(REPO, "setup.py")).read()
+    makefile = open(os.path.join(REPO, "Makefile")).read()
+    dockerfile = open(os.path.join(REPO, "docker", "Dockerfile")).read()
+    assert '_requirements("requirements.txt")' in setup_py
+    assert re.search(r"^REQS\s*:=.*\brequirements\.txt\b", makefile, re.M)
+    assert re.search(r"^RUN python -m pip install -r /tmp/requirements\.txt$", dockerfile, re.M)
+    assert re.search(r"^COPY requirements\.txt /tmp/requirements\.txt$", dockerfile, re.M)
+    assert "torch==2.13.0" in setup_install_requires()
+    for text, where in ((makefile, "Makefile"), (dockerfile, "docker/Dockerfile")):
+        assert "torch==" not in text, f"{where} pins torch itself instead of reading requirements.txt"
 
 
 def test_docker_base_image_carries_the_pinned_torch() -> None:

@@ -13,12 +13,12 @@ import torch
 from sat_dist import formats
 from sat_dist.config import build_model_config
 from sat_dist.errors import ConfigError, PlanError
-from sat_dist.formats.index import CheckpointIndex, Piece
-from sat_dist.formats.torchfile import StoredTensor
+from sat_dist.formats.base import IndexRequest
+from sat_dist.index import CheckpointIndex, Piece, StoredTensor
 from sat_dist.materialize import materialize
 from sat_dist.models import TPInfo, build_meta_model, collect_specs
-from sat_dist.placement import Box, Fragment, Layout, Split, flat_range_boxes
-from sat_dist.plan import byte_runs, files_needed, make_plan, split_box
+from sat_dist.placement import Box, Fragment, Layout, Split, files_needed, flat_range_boxes
+from sat_dist.plan import byte_runs, make_plan, split_box
 from sat_rules import CONFIGS, full_state_dict, sat_split, write_sat_checkpoint
 
 # Plain attention (QKV stride 3); heads 8, MLP 840 = 2^3*3*5*7, vocab 1680: TP in {1,2,4,8}
@@ -59,7 +59,7 @@ def test_gqa_gated_every_rank_gets_sat_split(saved_gqa, n, m):
     full, roots = saved_gqa
     for r in range(m):
         specs = specs_for(m, r, GQA)
-        index, prefer = formats.open_index(roots[n], specs, m, r)
+        index, prefer = formats.open_index(IndexRequest(roots[n], specs, m, r))
         tensors, stats = materialize(make_plan(specs, m, r, index, prefer=prefer), torch.device("cpu"))
         for name, t in tensors.items():
             assert torch.equal(t, sat_split(name, full[name], m, r, GQA)), (n, m, r, name)
@@ -71,7 +71,7 @@ def test_every_rank_gets_sat_split_and_reads_only_its_bytes(saved, n, m):
     full, roots = saved
     for r in range(m):
         specs = specs_for(m, r)
-        index, prefer = formats.open_index(roots[n], specs, m, r)
+        index, prefer = formats.open_index(IndexRequest(roots[n], specs, m, r))
         plan = make_plan(specs, m, r, index, prefer=prefer, max_op_bytes=1 << 14)
         tensors, stats = materialize(plan, torch.device("cpu"))
         assert set(tensors) == set(full)
@@ -160,7 +160,7 @@ def test_plan_validation_rejects_gaps_and_overlaps():
 def test_replicated_tensor_read_once_from_preferred_file(saved):
     _, roots = saved
     specs = specs_for(2, 1)
-    index, prefer = formats.open_index(roots[4], specs, 2, 1)
+    index, prefer = formats.open_index(IndexRequest(roots[4], specs, 2, 1))
     plan = make_plan(specs, 2, 1, index, prefer=prefer)
     ln = [op for op in plan.ops if op.name == "transformer.final_layernorm.weight"]
     assert len(ln) == 1 and os.path.basename(ln[0].file) == "mp_rank_02_model_states.pt"
@@ -169,7 +169,7 @@ def test_replicated_tensor_read_once_from_preferred_file(saved):
 def test_dtype_cast_only_when_asked(saved):
     full, roots = saved
     specs = specs_for(2, 0)
-    index, prefer = formats.open_index(roots[1], specs, 2, 0)
+    index, prefer = formats.open_index(IndexRequest(roots[1], specs, 2, 0))
     kept, _ = materialize(make_plan(specs, 2, 0, index, prefer=prefer), torch.device("cpu"))
     cast, _ = materialize(make_plan(specs, 2, 0, index, dtype=torch.bfloat16, prefer=prefer), torch.device("cpu"))
     name = "transformer.layers.0.attention.dense.weight"

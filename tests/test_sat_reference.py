@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_harness import run_ranks, values
+from sat_dist.testing.dist import run_ranks, values
 from sat_ref import configs as C
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from dist_harness import free_port, run_ranks, values
+from sat_dist.testing.dist import free_port, run_ranks, values
 from sat_rules import CONFIGS, full_state_dict, write_sat_checkpoint
 
 BIN = os.path.dirname(sys.executable)

@@ -1,43 +1,69 @@
-"""Checkpoint readers. Each turns a path into a CheckpointIndex without reading tensor data."""
+"""Checkpoint readers: each turns a path into a CheckpointIndex without reading tensor data.
+
+Every reader is one module with the interface of `formats.base` (NAME, recognise, index,
+describe). `READERS` is the order they are tried in; nothing here knows any format. Adding a
+format is one module plus one line in that list.
+"""
 from __future__ import annotations
 
 import os
-from typing import Callable, Mapping, Optional
+from types import ModuleType
+from typing import Optional
 
 from ..errors import CheckpointError
-from . import deepspeed as _deepspeed
-from . import sat as _sat
-from .index import CheckpointIndex, Piece
-from .torchfile import StoredTensor
-
-# A reader: (root, specs, tp, tp_rank, tag, prefix, **options) -> (index, preferred files), or None
-# when the folder is not its format. Tried in order.
-Reader = Callable[..., Optional[tuple]]
-
-
-def _read_sat(root, specs, tp, tp_rank, tag=None, prefix="", **_options):
-    return _sat.read_index(root, specs, tp, tp_rank, tag, prefix) if _sat.is_sat_checkpoint(root) else None
-
+from ..index import CheckpointIndex
+from . import dcp, deepspeed, diffusers, safetensors, sat
+from .base import IndexRequest
 
 # DeepSpeed first: a ZeRO-1/2 folder also holds mp_rank_XX_model_states.pt (the SAT reader's
 # format); it recognises ZeRO folders by their *_optim_states.pt / zero_pp_rank_* files.
-READERS: list[Reader] = [_deepspeed.read, _read_sat]
+# diffusers before safetensors: a sharded diffusers folder also holds a *.safetensors.index.json.
+READERS: tuple[ModuleType, ...] = (deepspeed, diffusers, safetensors, dcp, sat)
 
 
-def open_index(root: str, specs: Mapping, tp: int, tp_rank: int, tag: Optional[str] = None, prefix: str = "",
-               **options):
-    """Index only the files this rank needs, with whichever reader recognises `root`.
-    `options` (e.g. weights="fp32") go to every reader; readers ignore those they do not know."""
-    if not os.path.exists(root):
-        raise CheckpointError(f"checkpoint path {root} does not exist")
+def reader_for(path: str, tag: Optional[str] = None) -> ModuleType:
+    """The first reader that recognises `path`; a named error when none does."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint path {path} does not exist")
     for reader in READERS:
-        found = reader(root, specs, tp, tp_rank, tag, prefix, **options)
-        if found is not None:
-            return found
+        if reader.recognise(path, tag):
+            return reader
     raise CheckpointError(
-        f"{root}: no 'latest' file and no known checkpoint layout (SAT mp_rank_XX_model_states.pt or "
-        f"DeepSpeed ZeRO files); pass the folder that holds 'latest'"
+        f"{path}: no 'latest' file and no known checkpoint layout ({', '.join(r.NAME for r in READERS)}: "
+        f"e.g. SAT mp_rank_XX_model_states.pt or DeepSpeed ZeRO files); pass the folder that holds 'latest'"
     )
 
 
-__all__ = ["CheckpointIndex", "Piece", "READERS", "StoredTensor", "open_index"]
+def open_index(req: IndexRequest) -> tuple[CheckpointIndex, list[str]]:
+    """Index only the files this rank needs: (index, files in the order to prefer them)."""
+    return reader_for(req.path, req.tag).index(req)
+
+
+def describe(path: str, tag: Optional[str] = None) -> dict:
+    """`sat-dist inspect`: what the checkpoint holds, from headers/metadata only."""
+    return reader_for(path, tag).describe(path, tag)
+
+
+def model_config(path: str) -> Optional[dict]:
+    """The model config `path` carries (SAT's model_config.json, a safetensors header's metadata),
+    from its reader; None when it carries none.
+
+    A folder no reader recognises (or a reader without its own `model_config`: DeepSpeed's folders)
+    keeps SAT's layout, `model_config.json` in the folder: the load then fails on the checkpoint's
+    layout, agreed by the whole group, rather than on a model config it could not find."""
+    if not os.path.exists(path):
+        return None
+    for reader in READERS:
+        if reader.recognise(path, None):
+            return getattr(reader, "model_config", sat.model_config)(path)
+    return sat.model_config(path) if os.path.isdir(path) else None
+
+
+def render(info: dict) -> str:
+    """Any reader's description as text: header, the reader's summary lines, then each file."""
+    lines = [f"{info['root']}  (tag {info.get('tag')})", *info.get("summary", []), "files:"]
+    lines += [f"  {f['file']}  [{f['bytes']:,} B]  {f['holds']}" for f in info["files"]]
+    return "\n".join(lines)
+
+
+__all__ = ["READERS", "IndexRequest", "describe", "model_config", "open_index", "reader_for", "render"]

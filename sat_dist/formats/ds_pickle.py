@@ -13,16 +13,13 @@ DeepSpeed saves `*_optim_states.pt` with a few of its own objects inside (checke
 `torch.load(weights_only=True)` refuses them, and DeepSpeed itself loads with weights_only=False,
 which would execute arbitrary code from an untrusted file. Instead these stubs carry the exact
 `__module__`/`__qualname__` DeepSpeed pickles, so torch's restricted unpickler accepts them as
-plain attribute bags: nothing from deepspeed is imported and no pickled code runs. They are
-registered in `torchfile.ALLOWED_GLOBAL_PROVIDERS` when `sat_dist.formats` is imported.
+plain attribute bags: nothing from deepspeed is imported and no pickled code runs. `torchfile`
+lists `DEEPSPEED_STUBS` in its allow-list.
 """
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any
-
-from .torchfile import ALLOWED_GLOBAL_PROVIDERS
 
 
 def _named(cls: type, module: str) -> type:
@@ -68,10 +65,3 @@ DEEPSPEED_STUBS: tuple[type, ...] = (ZeroStageEnum, LossScaler, DynamicLossScale
 def stub_names() -> list[str]:
     """The fully qualified names the stubs stand for (what a pickle must spell to use them)."""
     return [f"{c.__module__}.{c.__qualname__}" for c in DEEPSPEED_STUBS]
-
-
-def _provider() -> list[Any]:
-    return list(DEEPSPEED_STUBS)
-
-
-ALLOWED_GLOBAL_PROVIDERS["deepspeed optimizer state"] = _provider

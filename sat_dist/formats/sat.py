@@ -9,13 +9,15 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
-from ..errors import CheckpointError
-from ..models.layers import TensorSpec
-from .index import CheckpointIndex, Piece
-from .torchfile import load_structure, locate
+from ..errors import CheckpointError, ConfigError
+from ..index import CheckpointIndex, Piece
+from ..placement import TensorSpec, files_needed
+from .base import IndexRequest, check_names, check_shape, split_absent
+from .torchfile import iter_tensors, load_structure, locate
 
+NAME = "sat"
 MP_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 
 
@@ -31,7 +33,8 @@ class SatCheckpoint:
         return len(self.files)
 
 
-def is_sat_checkpoint(root: str) -> bool:
+def recognise(root: str, tag: Optional[str] = None) -> bool:
+    """A folder with `latest`, or an iteration folder holding mp_rank_XX_model_states.pt."""
     return os.path.isfile(os.path.join(root, "latest")) or any(
         MP_FILE.match(n) for n in (os.listdir(root) if os.path.isdir(root) else [])
     )
@@ -77,23 +80,29 @@ def discover(root: str, tag: Optional[str] = None) -> SatCheckpoint:
     return ckpt
 
 
+def model_config(path: str) -> Optional[dict]:
+    """The `model_config.json` SAT writes in the checkpoint folder `path`, parsed (None: there is none)."""
+    json_path = os.path.join(path, "model_config.json")
+    if not os.path.isfile(json_path):
+        return None
+    try:
+        with open(json_path) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {json_path}: {exc}; fix or delete it, or pass the model with "
+                              f"--config") from exc
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{json_path} holds a JSON {type(cfg).__name__}, not an object of SAT model arguments")
+    return cfg
+
+
 def _check_model_config(ckpt: SatCheckpoint) -> None:
-    path = os.path.join(ckpt.root, "model_config.json")
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        saved = json.load(f).get("model_parallel_size")
+    saved = (model_config(ckpt.root) or {}).get("model_parallel_size")
     if saved is not None and int(saved) != ckpt.mp_size:
         raise CheckpointError(
-            f"{path} says model_parallel_size={saved} but {ckpt.iter_dir} holds {ckpt.mp_size} "
-            f"mp_rank files; the folder is incomplete or mixes two runs"
+            f"{ckpt.root}/model_config.json says model_parallel_size={saved} but {ckpt.iter_dir} holds "
+            f"{ckpt.mp_size} mp_rank files; the folder is incomplete or mixes two runs"
         )
-
-
-def _absent_ok(specs: Mapping[str, TensorSpec], missing: Sequence[str]) -> dict[str, str]:
-    """Missing tensors the model can fill itself (SAT's own load tolerates them missing, e.g.
-    CogVideoX's sincos table) -> what the model uses instead."""
-    return {n: specs[n].if_absent for n in missing if specs[n].if_absent}
 
 
 def index_files(ckpt: SatCheckpoint, specs: Mapping[str, TensorSpec], mp_ranks: Sequence[int],
@@ -109,50 +118,61 @@ def index_files(ckpt: SatCheckpoint, specs: Mapping[str, TensorSpec], mp_ranks: 
     for r in mp_ranks:
         path = ckpt.files[r]
         size = os.path.getsize(path)
-        index.file_sizes[path] = size
         obj = load_structure(path)
         if not isinstance(obj, dict) or "module" not in obj or not isinstance(obj["module"], dict):
             raise CheckpointError(f"{path} has no 'module' state dict (keys: {list(obj)[:10] if isinstance(obj, dict) else type(obj).__name__})")
         module = obj["module"]
         stored_names = {k[len(prefix):] for k in module if k.startswith(prefix)}
-        missing = [name for name in specs if name not in stored_names]
-        absent = _absent_ok(specs, missing)
+        absent, missing = split_absent(specs, [name for name in specs if name not in stored_names])
         index.meta.setdefault("absent", {}).update(absent)
-        missing = [name for name in missing if name not in absent]
         # With a prefix the model is one subtree of the file (CogVideoX: `model.diffusion_model.`);
         # other engine parts a whole-engine training save may hold (T5, VAE) are not its business.
-        unexpected = [k for k in module if k.startswith(prefix) and k[len(prefix):] not in specs]
-        if missing or unexpected:
-            raise CheckpointError(
-                f"{path}: the checkpoint and the model config disagree: missing tensors {missing[:8]}"
-                f"{' ...' if len(missing) > 8 else ''} ({len(missing)}), unexpected tensors {unexpected[:8]}"
-                f"{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)}); check --config / model_config.json"
-            )
+        check_names(path, missing, [k for k in module if k.startswith(prefix) and k[len(prefix):] not in specs])
         for name, spec in specs.items():
             if name in absent:
                 continue
             key = prefix + name
-            placement = spec.layout.placement(n, r)
-            try:
-                expected = placement.local_shape(spec.global_shape)
-            except ValueError as exc:
-                raise CheckpointError(f"{path}: tensor {key!r} cannot have been saved at mp={n}: {exc}") from exc
             stored = locate(path, module[key], key, size)
-            if stored.shape != tuple(expected):
-                raise CheckpointError(
-                    f"{path}: tensor {key!r} has shape {list(stored.shape)} but the model config gives "
-                    f"{list(expected)} for mp rank {r} of {n} (full {list(spec.global_shape)}); "
-                    f"check --config / model_config.json"
-                )
-            index.add(Piece(name, stored, tuple(placement.fragments(spec.global_shape))))
+            check_shape(path, key, stored.shape, spec, r, n)
+            index.add(Piece(name, stored, tuple(spec.layout.placement(n, r).fragments(spec.global_shape))))
     return index
 
 
 def read_index(root: str, specs: Mapping[str, TensorSpec], tp: int, tp_rank: int, tag: Optional[str] = None,
                prefix: str = "") -> tuple[CheckpointIndex, list[str]]:
     """Discover `root`, index only the mp files this TP rank needs; returns (index, those files)."""
-    from ..plan import files_needed  # lazy: plan imports this package's index module
-
     ckpt = discover(root, tag)
     ranks = files_needed(specs, ckpt.mp_size, tp, tp_rank)
     return index_files(ckpt, specs, ranks, prefix), [ckpt.files[r] for r in ranks]
+
+
+def index(req: IndexRequest) -> tuple[CheckpointIndex, list[str]]:
+    """The reader interface's entry: this rank's files of a SAT (or ZeRO-0 DeepSpeed) checkpoint."""
+    if req.weights == "fp32":
+        raise ConfigError(
+            f"--weights fp32 reads DeepSpeed ZeRO optimizer partitions, but {req.path} (tag "
+            f"{req.tag or 'from latest'}) holds no *_optim_states.pt; drop --weights to load the saved module weights"
+        )
+    return read_index(req.path, req.specs, req.tp, req.tp_rank, req.tag, req.prefix)
+
+
+def _tensor_bytes(obj: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in iter_tensors(obj))
+
+
+def describe(path: str, tag: Optional[str] = None) -> dict:
+    """What each mp file holds, from its `data.pkl` only (`sat-dist inspect`)."""
+    ckpt = discover(path, tag)
+    files, deepspeed = [], False
+    for i, f in enumerate(ckpt.files):
+        obj = load_structure(f)
+        module = (obj.get("module") or {}) if isinstance(obj, dict) else {}
+        dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in iter_tensors(module)})
+        deepspeed = deepspeed or (isinstance(obj, dict) and "param_shapes" in obj)
+        files.append({"file": os.path.relpath(f, path), "bytes": os.path.getsize(f), "mp_rank": i,
+                      "holds": f"module: {len(module)} tensors, {_tensor_bytes(module)} bytes "
+                               f"({', '.join(dtypes)}), mp rank {i}'s TP shard",
+                      "other_keys": sorted(k for k in obj if k != "module") if isinstance(obj, dict) else []})
+    fmt = "deepspeed (ZeRO-0 or no optimizer saved)" if deepspeed else "sat"
+    return {"format": fmt, "root": path, "tag": ckpt.tag, "mp_size": ckpt.mp_size,
+            "summary": [f"format: {fmt}, mp size {ckpt.mp_size}"], "files": files}

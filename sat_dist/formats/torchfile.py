@@ -7,20 +7,21 @@ its pointer minus the mapping's base; the base is derived from the zip's own rec
 *verified* for every storage (offset and size must match a `data/<key>` record), so a change in
 torch's loader fails loudly instead of reading wrong bytes. Each tensor gets `_sat_dist_offset`.
 (FakeTensorMode gives offsets too, but imports torch._dynamo: 1-2.5 s per process.)
-Unknown pickled globals are refused by name; the allow-list below is the only extension point.
+Pickled globals are checked by name against an explicit allow-list (numpy RNG state, DeepSpeed's
+data-only stand-ins from `ds_pickle`) *before* anything is unpickled.
 """
 from __future__ import annotations
 
 import os
+import pickle
 import zipfile
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 
-from ..errors import CheckpointError
-
-Shape = tuple[int, ...]
+from ..errors import CheckpointError, UnsafeCheckpointError
+from ..index import StoredTensor
+from .ds_pickle import DEEPSPEED_STUBS
 
 
 def _numpy_globals() -> list[Any]:
@@ -37,44 +38,32 @@ def _numpy_globals() -> list[Any]:
     return out
 
 
-# Providers of allowed globals, by name. Other formats (e.g. DeepSpeed stubs) append here.
-ALLOWED_GLOBAL_PROVIDERS: dict[str, Callable[[], list[Any]]] = {"numpy rng state": _numpy_globals}
-
-
 def allowed_globals() -> list[Any]:
-    out: list[Any] = []
-    for provider in ALLOWED_GLOBAL_PROVIDERS.values():
-        out.extend(provider())
-    return out
+    """The only pickled globals sat_dist accepts: numpy RNG state (SAT training saves) and DeepSpeed's
+    optimizer-file classes (as data-only stand-ins)."""
+    return _numpy_globals() + list(DEEPSPEED_STUBS)
 
 
-@dataclass(frozen=True)
-class StoredTensor:
-    """Where one saved tensor's elements live in its file."""
+def _qualname(g: Any) -> str:
+    return f"{g.__module__}.{g.__qualname__}"
 
-    file: str
-    byte_offset: int  # file offset of element (0, ..., 0)
-    dtype: torch.dtype
-    shape: Shape
-    stride: Shape
 
-    @property
-    def itemsize(self) -> int:
-        return self.dtype.itemsize
-
-    @property
-    def nbytes(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n * self.itemsize
-
-    def extent_bytes(self) -> int:
-        """Bytes from byte_offset to the last element's end (what must exist in the file)."""
-        if any(s == 0 for s in self.shape):
-            return 0
-        last = sum((s - 1) * st for s, st in zip(self.shape, self.stride))
-        return (last + 1) * self.itemsize
+def _refuse_unknown_globals(path: str) -> None:
+    """Name every pickled global outside the allow-list, reading only `data.pkl`'s opcodes."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read the pickle of {path}: {type(exc).__name__}: {exc}; the file is "
+                              f"truncated or corrupt: copy it again") from exc
+    allowed = {_qualname(g) for g in allowed_globals()}
+    bad = [n for n in names if n not in allowed]
+    if bad:
+        raise UnsafeCheckpointError(
+            f"{path} pickles global(s) outside sat_dist's allow-list: {bad}. Checkpoints are "
+            f"untrusted input and are never unpickled with weights_only=False; re-save the weights "
+            f"as torch.save({{'module': state_dict}}) or report the global if a real SAT/DeepSpeed "
+            f"file carries it"
+        )
 
 
 def iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
@@ -128,24 +117,13 @@ def load_structure(path: str) -> Any:
             f"{path} is not a torch zip checkpoint (legacy serialization or truncated/corrupt file); "
             f"sat_dist reads byte ranges and needs torch.save's default zip format: re-save it with torch.save"
         )
+    _refuse_unknown_globals(path)
     try:
         with torch.serialization.safe_globals(allowed_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:  # torch's restricted unpickler refused what the scan allowed
+        raise UnsafeCheckpointError(f"{path}: torch's weights_only unpickler refused it: {exc}") from exc
     except Exception as exc:
-        text = str(exc)
-        if "Unsupported global" in text or "weights_only" in text.lower():
-            try:
-                names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-            except Exception:  # pragma: no cover - best effort naming
-                names = []
-            allowed = {f"{g.__module__}.{g.__qualname__}" for g in allowed_globals()}
-            names = [n for n in names if n not in allowed] or names
-            raise CheckpointError(
-                f"{path} pickles global(s) outside sat_dist's allow-list: {names}. Checkpoints are "
-                f"untrusted input and are never unpickled with weights_only=False; re-save the weights "
-                f"as torch.save({{'module': state_dict}}) or report the global if a real SAT/DeepSpeed "
-                f"file carries it"
-            ) from exc
         raise CheckpointError(f"cannot read the structure of {path}: {type(exc).__name__}: {exc}") from exc
     _attach_offsets(path, obj)
     return obj

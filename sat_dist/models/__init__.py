@@ -1,21 +1,31 @@
-"""Model registry: model_class -> builder. Models are always built under the meta device."""
+"""The explicit table of model families, and what the loader asks of a model: its family, a
+TP-size check, and the model built on the meta device (shapes only: no memory, no init kernels).
+
+A new family is one entry in FAMILIES; nothing registers itself by being imported.
+"""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .layers import TPInfo, TensorSpec, collect_specs
-from .cogvideox import build_cogvideox  # also registers its config class and CogVideo's YAML layout
-from .sat_gpt import SATModel
+from ..placement import TensorSpec
+from . import cogvideox, sat_gpt
+from .family import ModelFamily
+from .layers import TPInfo, collect_specs
 
-BUILDERS: dict[str, Callable[[Any, TPInfo], nn.Module]] = {
-    "BaseModel": SATModel,
-    "GPT2Model": SATModel,
-    "DiffusionTransformer": build_cogvideox,  # CogVideoX SAT DiT
-}
+FAMILIES: tuple[ModelFamily, ...] = (sat_gpt.FAMILY, cogvideox.FAMILY)
+
+
+def family_for(model_class: str) -> ModelFamily:
+    """The family that builds `model_class`; a ConfigError naming the supported classes otherwise."""
+    for family in FAMILIES:
+        if model_class in family.model_classes:
+            return family
+    supported = sorted(c for f in FAMILIES for c in f.model_classes)
+    raise ConfigError(f"no builder for model_class {model_class!r}; supported: {supported}")
 
 
 def check_tp(cfg: Any, tp: int) -> None:
@@ -25,11 +35,10 @@ def check_tp(cfg: Any, tp: int) -> None:
 
 def build_meta_model(cfg: Any, tp: TPInfo) -> nn.Module:
     """Build on the meta device: no memory, no init kernels; shapes are this rank's shards."""
-    builder = BUILDERS.get(cfg.model_class)
-    if builder is None:
-        raise ConfigError(f"no builder for model_class {cfg.model_class!r}; supported: {sorted(BUILDERS)}")
+    build = family_for(cfg.model_class).build
     with torch.device("meta"):
-        return builder(cfg, tp)
+        return build(cfg, tp)
 
 
-__all__ = ["BUILDERS", "TPInfo", "TensorSpec", "build_meta_model", "check_tp", "collect_specs"]
+__all__ = ["FAMILIES", "ModelFamily", "TPInfo", "TensorSpec", "build_meta_model", "check_tp", "collect_specs",
+           "family_for"]

@@ -2,33 +2,18 @@
 
 Each layer records, per parameter, the full (logical) shape and its Layout, so the planner can
 compute what this rank needs without the layer ever holding more than its shard. Forward
-collectives go through `sat_dist.collectives` (inference only: no backward mappings needed).
+collectives are in `tp_ops` (inference only: no backward mappings needed).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import collectives as C
-from ..placement import REPLICATED, Layout, Placement
+from ..placement import REPLICATED, Layout, TensorSpec
+from .tp_ops import reduce_from_tp
 
 Shape = tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """What the planner needs to know about one model tensor."""
-
-    global_shape: Shape
-    layout: Layout
-    # Non-empty for a tensor SAT's model has but released files may lack (SAT's load tolerates it):
-    # what the model uses instead. Readers then report it absent rather than missing.
-    if_absent: str = ""
-
-    def placement(self, tp: int, tp_rank: int) -> Placement:
-        return self.layout.placement(tp, tp_rank)
 
 
 class TPInfo:
@@ -84,7 +69,7 @@ class RowParallelLinear(_Sharded):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = C.reduce_from_tp(F.linear(x, self.weight), self.tp.group)
+        y = reduce_from_tp(F.linear(x, self.weight), self.tp.group)
         return y if self.bias is None else y + self.bias
 
 
@@ -104,7 +89,7 @@ class VocabParallelEmbedding(_Sharded):
         outside = (ids < start) | (ids >= start + per)
         local = (ids - start).masked_fill(outside, 0)
         out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
-        return C.reduce_from_tp(out, self.tp.group)
+        return reduce_from_tp(out, self.tp.group)
 
 
 class Embedding(nn.Module):

@@ -1,18 +1,17 @@
-"""SLURM and MPI launch detection: who am I, and where is rank 0's rendezvous store.
+"""Launch detection: who am I (rank, local rank, world, node) and where is rank 0's rendezvous.
 
-torchrun exports RANK/MASTER_ADDR itself; srun and mpirun do not, so the same command line only
-works under them if we derive the rendezvous from their own environment:
+One explicit list of detectors, tried in order, so the same command line works under every launcher:
 
+- torchrun (and anything that exports RANK/WORLD_SIZE) first, so torchrun started inside an salloc,
+  or one torchrun per node started by srun, keeps its own numbering;
 - SLURM (a task of an `srun` step): SLURM_PROCID/LOCALID/NODEID/STEP_NUM_TASKS; the master is the
   first host of the step's node list (`scontrol show hostnames`), the port a function of the job
-  and step id, so every task computes the same address without talking to the others.
+  and step id, so every task computes the same address without talking to the others;
 - Open MPI (OMPI_COMM_WORLD_*) and MPICH/Hydra (PMI_RANK, PMI_SIZE, MPI_LOCALRANKID): nothing in the
   environment names a host, so rank 0 picks its address and a free port and broadcasts them with
   mpi4py (imported only here, only when needed).
 
-Explicit MASTER_ADDR/MASTER_PORT always win. `register()` appends the detectors to
-`runtime.DETECTORS` after `from_torchrun`, so torchrun's RANK wins when present (torchrun started
-inside an salloc, or one torchrun per node started by srun).
+Explicit MASTER_ADDR/MASTER_PORT always win. Nothing here creates a process group (`collectives`).
 """
 from __future__ import annotations
 
@@ -24,12 +23,63 @@ import shutil
 import socket
 import struct
 import subprocess
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable, Mapping, Optional
 
-from . import runtime
 from .errors import LaunchError
-from .runtime import LaunchInfo, env_int as _int
+
+
+@dataclass(frozen=True)
+class LaunchInfo:
+    """What the launcher told this process about itself."""
+
+    launcher: str
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    node_rank: int
+    master_addr: Optional[str] = None
+    master_port: Optional[int] = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def env_int(env: Mapping[str, str], key: str, default: Optional[int] = None) -> Optional[int]:
+    """An integer launcher variable (unset or empty: `default`); anything else names itself."""
+    value = env.get(key)
+    if value in (None, ""):
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise LaunchError(f"{key}={value!r} is not an integer; it comes from your launcher, check how it was set") from None
+
+
+def from_torchrun(env: Mapping[str, str]) -> Optional[LaunchInfo]:
+    """torchrun / torch.distributed.run (also any launcher that exports RANK and WORLD_SIZE)."""
+    if "RANK" not in env or "WORLD_SIZE" not in env:
+        return None
+    world = env_int(env, "WORLD_SIZE")
+    local_world = env_int(env, "LOCAL_WORLD_SIZE", world)
+    rank = env_int(env, "RANK")
+    return LaunchInfo(
+        launcher="torchrun" if "TORCHELASTIC_RUN_ID" in env else "env",
+        rank=rank,
+        local_rank=env_int(env, "LOCAL_RANK", 0),
+        world_size=world,
+        local_world_size=local_world,
+        node_rank=env_int(env, "GROUP_RANK", rank // max(local_world, 1)),
+        master_addr=env.get("MASTER_ADDR"),
+        master_port=env_int(env, "MASTER_PORT"),
+    )
+
+
+def single_process(env: Mapping[str, str]) -> LaunchInfo:
+    """Plain `python -m sat_dist ...`: one rank, world of one."""
+    return LaunchInfo("single", 0, 0, 1, 1, 0, env.get("MASTER_ADDR"), env_int(env, "MASTER_PORT"))
+
 
 SLURM_PORT_BASE = 10000  # below Linux's ephemeral range (32768+), so a derived port is rarely taken
 
@@ -89,15 +139,15 @@ def slurm_first_host(nodelist: str) -> str:
 
 def slurm_port(env: Mapping[str, str]) -> int:
     """A port every task of a step derives alike: distinct for 1000 consecutive jobs x 20 steps."""
-    job = _int(env, "SLURM_JOB_ID") or _int(env, "SLURM_JOBID") or 0
-    step = _int(env, "SLURM_STEP_ID") or _int(env, "SLURM_STEPID") or 0
+    job = env_int(env, "SLURM_JOB_ID") or env_int(env, "SLURM_JOBID") or 0
+    step = env_int(env, "SLURM_STEP_ID") or env_int(env, "SLURM_STEPID") or 0
     return SLURM_PORT_BASE + (job % 1000) * 20 + step % 20
 
 
 def _mpi_identity(env: Mapping[str, str]) -> Optional[tuple[int, int]]:
     """(rank, world) as an MPI launcher numbered this process, if one did."""
     for rank_key, size_key in (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"), ("PMI_RANK", "PMI_SIZE")):
-        rank, size = _int(env, rank_key), _int(env, size_key)
+        rank, size = env_int(env, rank_key), env_int(env, size_key)
         if rank is not None and size is not None:
             return rank, size
     return None
@@ -109,8 +159,8 @@ def from_slurm(env: Mapping[str, str]) -> Optional[LaunchInfo]:
     # SLURM_NTASKS=N but is one process, and must not wait for N-1 peers that never come.
     if "SLURM_PROCID" not in env or ("SLURM_STEP_ID" not in env and "SLURM_STEPID" not in env):
         return None
-    rank = _int(env, "SLURM_PROCID")
-    world = _int(env, "SLURM_STEP_NUM_TASKS") or _int(env, "SLURM_NTASKS") or _int(env, "SLURM_NPROCS")
+    rank = env_int(env, "SLURM_PROCID")
+    world = env_int(env, "SLURM_STEP_NUM_TASKS") or env_int(env, "SLURM_NTASKS") or env_int(env, "SLURM_NPROCS")
     if rank is None or world is None:
         return None
     mpi = _mpi_identity(env)
@@ -118,7 +168,7 @@ def from_slurm(env: Mapping[str, str]) -> Optional[LaunchInfo]:
         # mpirun inside an allocation: its ranks inherit the SLURM_* of the per-node daemon that
         # srun started, so MPI's numbering is the job's and the MPI detectors must answer.
         return None
-    node = _int(env, "SLURM_NODEID") or 0
+    node = env_int(env, "SLURM_NODEID") or 0
     local_world = tasks_on_node(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE"), node)
     addr = env.get("MASTER_ADDR") or None
     if addr is None:
@@ -137,12 +187,12 @@ def from_slurm(env: Mapping[str, str]) -> Optional[LaunchInfo]:
     return LaunchInfo(
         launcher="slurm",
         rank=rank,
-        local_rank=_int(env, "SLURM_LOCALID") or 0,
+        local_rank=env_int(env, "SLURM_LOCALID") or 0,
         world_size=world,
         local_world_size=local_world or 1,
         node_rank=node,
         master_addr=addr,
-        master_port=_int(env, "MASTER_PORT") or slurm_port(env),
+        master_port=env_int(env, "MASTER_PORT") or slurm_port(env),
     )
 
 
@@ -255,7 +305,7 @@ Exchange = Callable[[str, int, int], MpiRendezvous]
 
 def _from_mpi(env: Mapping[str, str], launcher: str, rank: int, world: int, local_rank: Optional[int],
               local_world: Optional[int], exchange: Exchange) -> LaunchInfo:
-    addr, port = env.get("MASTER_ADDR") or None, _int(env, "MASTER_PORT")
+    addr, port = env.get("MASTER_ADDR") or None, env_int(env, "MASTER_PORT")
     node: Optional[int] = None
     if addr is None or port is None or local_rank is None or local_world is None:
         rdv = exchange(launcher, rank, world)
@@ -272,28 +322,34 @@ def _from_mpi(env: Mapping[str, str], launcher: str, rank: int, world: int, loca
 
 def from_openmpi(env: Mapping[str, str], exchange: Exchange = mpi_exchange) -> Optional[LaunchInfo]:
     """Open MPI's mpirun/mpiexec/prterun (OMPI_COMM_WORLD_*)."""
-    rank, world = _int(env, "OMPI_COMM_WORLD_RANK"), _int(env, "OMPI_COMM_WORLD_SIZE")
+    rank, world = env_int(env, "OMPI_COMM_WORLD_RANK"), env_int(env, "OMPI_COMM_WORLD_SIZE")
     if rank is None or world is None:
         return None
     # OMPI_COMM_WORLD_NODE_RANK is the rank among processes on this node, not the node's index.
-    return _from_mpi(env, "openmpi", rank, world, _int(env, "OMPI_COMM_WORLD_LOCAL_RANK"),
-                     _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE"), exchange)
+    return _from_mpi(env, "openmpi", rank, world, env_int(env, "OMPI_COMM_WORLD_LOCAL_RANK"),
+                     env_int(env, "OMPI_COMM_WORLD_LOCAL_SIZE"), exchange)
 
 
 def from_mpich(env: Mapping[str, str], exchange: Exchange = mpi_exchange) -> Optional[LaunchInfo]:
     """MPICH's Hydra mpirun/mpiexec (also Intel MPI): PMI_RANK, PMI_SIZE, MPI_LOCALRANKID."""
-    rank, world = _int(env, "PMI_RANK"), _int(env, "PMI_SIZE")
+    rank, world = env_int(env, "PMI_RANK"), env_int(env, "PMI_SIZE")
     if rank is None or world is None:
         return None
-    return _from_mpi(env, "mpich", rank, world, _int(env, "MPI_LOCALRANKID"), _int(env, "MPI_LOCALNRANKS"),
+    return _from_mpi(env, "mpich", rank, world, env_int(env, "MPI_LOCALRANKID"), env_int(env, "MPI_LOCALNRANKS"),
                      exchange)
 
 
-def register() -> None:
-    """Append the SLURM and MPI detectors after torchrun's (idempotent)."""
-    for detector in (from_slurm, from_openmpi, from_mpich):
-        if detector not in runtime.DETECTORS:
-            runtime.DETECTORS.append(detector)
+Detector = Callable[[Mapping[str, str]], Optional[LaunchInfo]]
+
+# Ordered: the first detector that recognises the environment wins.
+DETECTORS: tuple[Detector, ...] = (from_torchrun, from_slurm, from_openmpi, from_mpich)
 
 
-register()
+def detect_launch(env: Optional[Mapping[str, str]] = None) -> LaunchInfo:
+    """Derive this process's identity from the launcher's environment (none: a single process)."""
+    env = os.environ if env is None else env
+    for detector in DETECTORS:
+        info = detector(env)
+        if info is not None:
+            return info
+    return single_process(env)

@@ -3,6 +3,7 @@
 
 The forward follows `sat/transformer_defaults.py` exactly (pre/post/sandwich orders as SAT
 defines them, tanh-GELU, SAT's mask handling) so the TP forward equals the TP=1 forward.
+Parameters are declared fp32 (shapes only, on the meta device); the load decides the real dtype.
 """
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import collectives as C
-from ..config import TransformerConfig
-from .layers import ColumnParallelLinear, Embedding, LayerNorm, RowParallelLinear, TPInfo, VocabParallelEmbedding
+from ..layers import ColumnParallelLinear, Embedding, LayerNorm, RowParallelLinear, TPInfo, VocabParallelEmbedding
+from ..tp_ops import gather_last_dim_from_tp
+from .config import TransformerConfig
 
 
 class RotaryEmbedding(nn.Module):
@@ -55,7 +56,7 @@ def attention_fn(q, k, v, mask: torch.Tensor) -> torch.Tensor:
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, cfg: TransformerConfig, tp: TPInfo, dtype):
+    def __init__(self, cfg: TransformerConfig, tp: TPInfo):
         super().__init__()
         self.tp, self.head_dim = tp, cfg.head_dim
         heads, kv = cfg.num_attention_heads, cfg.num_multi_query_heads
@@ -67,9 +68,8 @@ class SelfAttention(nn.Module):
         else:
             out, blocks = inner + 2 * kv * cfg.head_dim, (heads, kv, kv)
             self.split_sizes = [inner // tp.size, kv * cfg.head_dim // tp.size, kv * cfg.head_dim // tp.size]
-        self.query_key_value = ColumnParallelLinear(cfg.hidden_size, out, tp, cfg.use_bias or cfg.use_qkv_bias,
-                                                    blocks, dtype)
-        self.dense = RowParallelLinear(inner, cfg.hidden_size, tp, cfg.use_bias, dtype)
+        self.query_key_value = ColumnParallelLinear(cfg.hidden_size, out, tp, cfg.use_bias or cfg.use_qkv_bias, blocks)
+        self.dense = RowParallelLinear(inner, cfg.hidden_size, tp, cfg.use_bias)
 
     def forward(self, x, mask, position_ids, rotary: Optional[RotaryEmbedding]):
         b, s, _ = x.shape
@@ -82,13 +82,13 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: TransformerConfig, tp: TPInfo, dtype):
+    def __init__(self, cfg: TransformerConfig, tp: TPInfo):
         super().__init__()
-        self.dense_h_to_4h = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_size, tp, cfg.use_bias, dtype=dtype)
-        self.dense_4h_to_h = RowParallelLinear(cfg.ffn_size, cfg.hidden_size, tp, cfg.use_bias, dtype)
+        self.dense_h_to_4h = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_size, tp, cfg.use_bias)
+        self.dense_4h_to_h = RowParallelLinear(cfg.ffn_size, cfg.hidden_size, tp, cfg.use_bias)
         self.is_gated_mlp = cfg.is_gated_mlp
         if cfg.is_gated_mlp:  # SAT: a separate gate linear, no bias, act(gate(x)) * h_to_4h(x)
-            self.dense_h_to_4h_gate = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_size, tp, False, dtype=dtype)
+            self.dense_h_to_4h_gate = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_size, tp, False)
 
     def forward(self, x):
         h = self.dense_h_to_4h(x)
@@ -99,18 +99,21 @@ class MLP(nn.Module):
         return self.dense_4h_to_h(h)
 
 
+def _layernorm(cfg: TransformerConfig) -> LayerNorm:
+    return LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon, dtype=torch.float32)
+
+
 class TransformerLayer(nn.Module):
-    def __init__(self, cfg: TransformerConfig, tp: TPInfo, dtype):
+    def __init__(self, cfg: TransformerConfig, tp: TPInfo):
         super().__init__()
-        h, eps = cfg.hidden_size, cfg.layernorm_epsilon
         self.order = cfg.layernorm_order
-        self.input_layernorm = LayerNorm(h, eps=eps, dtype=dtype)
-        self.attention = SelfAttention(cfg, tp, dtype)
-        self.post_attention_layernorm = LayerNorm(h, eps=eps, dtype=dtype)
+        self.input_layernorm = _layernorm(cfg)
+        self.attention = SelfAttention(cfg, tp)
+        self.post_attention_layernorm = _layernorm(cfg)
         if self.order == "sandwich":
-            self.third_layernorm = LayerNorm(h, eps=eps, dtype=dtype)
-            self.fourth_layernorm = LayerNorm(h, eps=eps, dtype=dtype)
-        self.mlp = MLP(cfg, tp, dtype)
+            self.third_layernorm = _layernorm(cfg)
+            self.fourth_layernorm = _layernorm(cfg)
+        self.mlp = MLP(cfg, tp)
 
     def forward(self, x, mask, position_ids, rotary):
         attn_in = self.input_layernorm(x)
@@ -130,21 +133,21 @@ class TransformerLayer(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: TransformerConfig, tp: TPInfo, dtype):
+    def __init__(self, cfg: TransformerConfig, tp: TPInfo):
         super().__init__()
         self.tp, self.cfg = tp, cfg
         h = cfg.hidden_size
         if cfg.vocab_size < 1000:  # SAT: plain (replicated) embedding for small vocabularies
-            self.word_embeddings = Embedding(cfg.vocab_size, h, dtype)
+            self.word_embeddings = Embedding(cfg.vocab_size, h)
         else:
-            self.word_embeddings = VocabParallelEmbedding(cfg.vocab_size, h, tp, dtype)
+            self.word_embeddings = VocabParallelEmbedding(cfg.vocab_size, h, tp)
         if cfg.is_rotary_emb:
             self.position_embeddings = RotaryEmbedding(h // cfg.num_attention_heads)
         else:
-            self.position_embeddings = Embedding(cfg.max_sequence_length, h, dtype)
-        self.layers = nn.ModuleList([TransformerLayer(cfg, tp, dtype) for _ in range(cfg.num_layers)])
+            self.position_embeddings = Embedding(cfg.max_sequence_length, h)
+        self.layers = nn.ModuleList([TransformerLayer(cfg, tp) for _ in range(cfg.num_layers)])
         if cfg.use_final_layernorm:
-            self.final_layernorm = LayerNorm(h, eps=cfg.layernorm_epsilon, dtype=dtype)
+            self.final_layernorm = _layernorm(cfg)
 
     def forward(self, input_ids, position_ids, attention_mask=None):
         x = self.word_embeddings(input_ids)
@@ -160,16 +163,16 @@ class Transformer(nn.Module):
             x = self.final_layernorm(x)
         logits = F.linear(x, self.word_embeddings.weight)
         if isinstance(self.word_embeddings, VocabParallelEmbedding) and not self.cfg.parallel_output:
-            logits = C.gather_last_dim_from_tp(logits, self.tp.group)
+            logits = gather_last_dim_from_tp(logits, self.tp.group)
         return logits
 
 
 class SATModel(nn.Module):
     """State-dict compatible with SAT's `BaseModel`: `transformer.*` plus an empty `mixins`."""
 
-    def __init__(self, cfg: TransformerConfig, tp: TPInfo, dtype=torch.float32):
+    def __init__(self, cfg: TransformerConfig, tp: TPInfo):
         super().__init__()
-        self.transformer = Transformer(cfg, tp, dtype)
+        self.transformer = Transformer(cfg, tp)
         self.mixins = nn.ModuleDict()
 
     def forward(self, input_ids, position_ids, attention_mask=None):

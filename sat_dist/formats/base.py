@@ -1,0 +1,74 @@
+"""The one reader interface, and the checks every reader shares.
+
+A format is one module in `formats/` exposing:
+
+- `NAME: str` — what `inspect` and the report call it;
+- `recognise(path, tag) -> bool` — cheap (a directory listing), never raises for a foreign folder;
+- `index(request: IndexRequest) -> (CheckpointIndex, preferred files)` — locate, never read, the
+  tensors the request's rank needs; errors name the file and the tensor;
+- `describe(path, tag) -> dict` — for `sat-dist inspect`: at least `format`, `root`, `summary`
+  (lines of text) and `files` (`file`, `bytes`, `holds`), from headers/metadata only.
+
+`formats/__init__` lists those modules in the order they are tried. Pure: no process group.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Optional, Sequence
+
+from ..errors import CheckpointError
+from ..placement import TensorSpec
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class IndexRequest:
+    """What one rank asks a reader for: its TP shard of `specs` (model names; the file's names are
+    `prefix + name`), from `path` at `tag` (None: what `latest` says)."""
+
+    path: str
+    specs: Mapping[str, TensorSpec]
+    tp: int
+    tp_rank: int
+    tag: Optional[str] = None
+    prefix: str = ""
+    weights: str = "auto"  # DeepSpeed ZeRO-1/2: auto|module = module weights, fp32 = fp32 master partitions
+
+
+def _some(names: Sequence[str]) -> str:
+    return f"{list(names[:8])}{' ...' if len(names) > 8 else ''} ({len(names)})"
+
+
+def split_absent(specs: Mapping[str, TensorSpec], missing: Iterable[str]) -> tuple[dict[str, str], list[str]]:
+    """Split missing tensors into those the model fills itself (SAT's own load tolerates them
+    missing, e.g. CogVideoX's sincos table: name -> what it uses instead) and the truly missing."""
+    missing = list(missing)
+    absent = {n: specs[n].if_absent for n in missing if specs[n].if_absent}
+    return absent, [n for n in missing if n not in absent]
+
+
+def check_names(path: str, missing: Sequence[str], unexpected: Sequence[str]) -> None:
+    """One error for a checkpoint whose tensor names do not match the model's."""
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors {_some(missing)}")
+        if unexpected:
+            parts.append(f"unexpected tensors {_some(unexpected)}")
+        raise CheckpointError(f"{path}: the checkpoint and the model config disagree: {', '.join(parts)}; "
+                              f"check --config / model_config.json")
+
+
+def check_shape(path: str, key: str, shape: Sequence[int], spec: TensorSpec, mp_rank: int, mp_size: int) -> None:
+    """A stored shard must have the shape the model's layout gives its model-parallel rank."""
+    try:
+        want = tuple(spec.layout.placement(mp_size, mp_rank).local_shape(spec.global_shape))
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: tensor {key!r} cannot have been saved at mp={mp_size}: {exc}") from exc
+    if tuple(shape) != want:
+        raise CheckpointError(
+            f"{path}: tensor {key!r} has shape {list(shape)} in the checkpoint but the model config gives "
+            f"{list(want)} for model-parallel rank {mp_rank} of {mp_size} (full {list(spec.global_shape)}); "
+            f"check --config / model_config.json"
+        )
