@@ -89,6 +89,13 @@ def build_model_config(model: dict) -> Any:
     return cfg
 
 
+def _sat_model_config_as_model(layer: Any) -> Any:
+    """A flat SAT `model_config.json` passed with --config (top-level `model_class`) is the model section."""
+    if isinstance(layer, DictConfig) and "model_class" in layer and not {"model", "load"} & set(layer):
+        return OmegaConf.create({"model": layer})
+    return layer
+
+
 def resolve(
     checkpoint: Optional[str] = None,
     config_files: Sequence[str] = (),
@@ -100,7 +107,7 @@ def resolve(
     for path in config_files:
         if not os.path.exists(path):
             raise ConfigError(f"config file {path} does not exist")
-        layers.append(OmegaConf.load(path))
+        layers.append(_sat_model_config_as_model(OmegaConf.load(path)))
     merged = _to_container(OmegaConf.merge(*layers)) if layers else {}
     for adapter in (f.adapt_yaml for f in FAMILIES if f.adapt_yaml is not None):
         adapted = adapter(merged)

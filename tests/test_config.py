@@ -68,3 +68,17 @@ def test_tp_divisibility_lists_valid_sizes():
     with pytest.raises(ConfigError, match=r"TP=4 does not divide num_attention_heads=30.*\[1, 2, 3, 5, 6, 10, 15, 30\]"):
         cfg.check_tp(4)
     cfg.check_tp(6)
+
+
+def test_flat_sat_model_config_json_is_accepted_with_config(tmp_path):
+    """`--config model_config.json` (SAT's flat file, as written beside `latest`) is the model section."""
+    import json
+
+    path = tmp_path / "model_config.json"
+    path.write_text(json.dumps({"model_class": "BaseModel", "num_layers": 2, "hidden_size": 64,
+                                "num_attention_heads": 4, "vocab_size": 100, "max_sequence_length": 32}))
+    cfg = resolve(None, [str(path)], ["model.num_layers=3"])
+    assert (cfg.model.num_layers, cfg.model.hidden_size) == (3, 64)
+    path.write_text(json.dumps({"num_layers": 2}))  # no model_class: not taken for a model config
+    with pytest.raises(ConfigError):
+        resolve(None, [str(path)])

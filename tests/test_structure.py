@@ -46,7 +46,8 @@ def test_pure_layer_never_imports_torch_distributed(rel: str) -> None:
 def test_every_reader_has_the_one_interface() -> None:
     assert [r.NAME for r in formats.READERS][0] == "deepspeed" and formats.READERS[-1].NAME == "sat"
     for reader in formats.READERS:
-        for fn, params in (("recognise", ["path", "tag"]), ("index", ["req"]), ("describe", ["path", "tag"])):
+        for fn, params in (("recognise", ["path", "tag"]), ("index", ["req"]), ("describe", ["path", "tag"]),
+                           ("model_config", ["path"])):
             sig = inspect.signature(getattr(reader, fn))
             assert len(sig.parameters) == len(params), (reader.NAME, fn, sig)
 

@@ -13,7 +13,7 @@ from typing import Optional
 from ..errors import CheckpointError
 from ..index import CheckpointIndex
 from . import dcp, deepspeed, diffusers, safetensors, sat
-from .base import IndexRequest
+from .base import IndexRequest, folder_model_config
 
 # DeepSpeed first: a ZeRO-1/2 folder also holds mp_rank_XX_model_states.pt (the SAT reader's
 # format); it recognises ZeRO folders by their *_optim_states.pt / zero_pp_rank_* files.
@@ -48,15 +48,14 @@ def model_config(path: str) -> Optional[dict]:
     """The model config `path` carries (SAT's model_config.json, a safetensors header's metadata),
     from its reader; None when it carries none.
 
-    A folder no reader recognises (or a reader without its own `model_config`: DeepSpeed's folders)
-    keeps SAT's layout, `model_config.json` in the folder: the load then fails on the checkpoint's
-    layout, agreed by the whole group, rather than on a model config it could not find."""
+    A folder no reader recognises still has its `model_config.json` read: the load then fails on
+    the checkpoint's layout, agreed by the whole group, rather than on a model config it could not find."""
     if not os.path.exists(path):
         return None
     for reader in READERS:
         if reader.recognise(path, None):
-            return getattr(reader, "model_config", sat.model_config)(path)
-    return sat.model_config(path) if os.path.isdir(path) else None
+            return reader.model_config(path)
+    return folder_model_config(path) if os.path.isdir(path) else None
 
 
 def render(info: dict) -> str:

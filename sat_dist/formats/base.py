@@ -7,12 +7,16 @@ A format is one module in `formats/` exposing:
 - `index(request: IndexRequest) -> (CheckpointIndex, preferred files)` — locate, never read, the
   tensors the request's rank needs; errors name the file and the tensor;
 - `describe(path, tag) -> dict` — for `sat-dist inspect`: at least `format`, `root`, `summary`
-  (lines of text) and `files` (`file`, `bytes`, `holds`), from headers/metadata only.
+  (lines of text) and `files` (`file`, `bytes`, `holds`), from headers/metadata only;
+- `model_config(path) -> dict | None` — the model config the checkpoint carries, if any
+  (`folder_model_config` for formats that keep SAT's `model_config.json` beside their files).
 
 `formats/__init__` lists those modules in the order they are tried. Pure: no process group.
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional, Sequence
 
@@ -72,3 +76,19 @@ def check_shape(path: str, key: str, shape: Sequence[int], spec: TensorSpec, mp_
             f"{list(want)} for model-parallel rank {mp_rank} of {mp_size} (full {list(spec.global_shape)}); "
             f"check --config / model_config.json"
         )
+
+
+def folder_model_config(path: str) -> Optional[dict]:
+    """The `model_config.json` SAT writes in the checkpoint folder `path`, parsed (None: there is none)."""
+    json_path = os.path.join(path, "model_config.json")
+    if not os.path.isfile(json_path):
+        return None
+    try:
+        with open(json_path) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {json_path}: {exc}; fix or delete it, or pass the model with "
+                              f"--config") from exc
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{json_path} holds a JSON {type(cfg).__name__}, not an object of SAT model arguments")
+    return cfg

@@ -5,7 +5,6 @@ are opened at all (their `data.pkl` only), and their tensors are located, never 
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ from typing import Any, Mapping, Optional, Sequence
 from ..errors import CheckpointError, ConfigError
 from ..index import CheckpointIndex, Piece
 from ..placement import TensorSpec, files_needed
-from .base import IndexRequest, check_names, check_shape, split_absent
+from .base import IndexRequest, check_names, check_shape, folder_model_config, split_absent
 from .torchfile import iter_tensors, load_structure, locate
 
 NAME = "sat"
@@ -80,20 +79,8 @@ def discover(root: str, tag: Optional[str] = None) -> SatCheckpoint:
     return ckpt
 
 
-def model_config(path: str) -> Optional[dict]:
-    """The `model_config.json` SAT writes in the checkpoint folder `path`, parsed (None: there is none)."""
-    json_path = os.path.join(path, "model_config.json")
-    if not os.path.isfile(json_path):
-        return None
-    try:
-        with open(json_path) as f:
-            cfg = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {json_path}: {exc}; fix or delete it, or pass the model with "
-                              f"--config") from exc
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{json_path} holds a JSON {type(cfg).__name__}, not an object of SAT model arguments")
-    return cfg
+# SAT writes `model_config.json` beside `latest`.
+model_config = folder_model_config
 
 
 def _check_model_config(ckpt: SatCheckpoint) -> None:

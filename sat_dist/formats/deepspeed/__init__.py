@@ -19,7 +19,7 @@ from ...errors import ConfigError
 from ...index import CheckpointIndex
 from ...placement import files_needed
 from .. import sat
-from ..base import IndexRequest
+from ..base import IndexRequest, folder_model_config
 from .builder import Builder, open_rank
 from .describe import describe
 from .discovery import DeepSpeedCheckpoint, discover, recognise
@@ -27,6 +27,8 @@ from .states import load, run_dtype
 from . import zero12, zero3
 
 NAME = "deepspeed"
+# SAT-style trainings keep `model_config.json` beside `latest`.
+model_config = folder_model_config
 WEIGHTS = ("auto", "module", "fp32")
 
 
