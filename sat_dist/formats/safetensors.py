@@ -21,8 +21,7 @@ from typing import Optional
 from ..errors import CheckpointError, ConfigError, MalformedCheckpointError
 from ..index import CheckpointIndex, Piece
 from ..placement import Replicate
-from . import sat
-from .base import IndexRequest, check_names, check_shape, split_absent
+from .base import IndexRequest, check_names, check_shape, folder_model_config, split_absent
 from .safetensors_header import DTYPE_CODES, SafetensorsFile, read_header, read_weight_map
 
 NAME = "safetensors"
@@ -156,7 +155,7 @@ def model_config(path: str) -> Optional[dict]:
         cfg = _config_from_metadata(files[0], read_header(files[0]).metadata)
         if cfg is not None:
             return cfg
-    return sat.model_config(src.folder)
+    return folder_model_config(src.folder)
 
 
 def describe(path: str, tag: Optional[str] = None) -> dict:
