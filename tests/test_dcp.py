@@ -93,7 +93,7 @@ def ckpts(tmp_path_factory):
 
 
 def _report(rank, path, tp):
-    _, rep = sat_dist.load_model(path, tp=tp, return_report=True)
+    _, rep = sat_dist.load_model(path, tp=tp, return_report=True, digest=True)
     return rep.ranks[rank]
 
 

@@ -29,8 +29,7 @@ from typing import Iterator, Mapping, Optional
 from ..errors import CheckpointError, ConfigError
 from ..index import CheckpointIndex, Piece, StoredTensor
 from ..placement import Box, Fragment, TensorSpec
-from . import sat
-from .base import IndexRequest, check_names, check_shape, split_absent
+from .base import IndexRequest, check_names, check_shape, folder_model_config, split_absent
 from .dcp_metadata import (ITEM_GLOBALS, METADATA_FILE, Chunk, DcpMetadata, DcpTensor, Item, SavedTensor,
                            read_metadata, unpickle)
 
@@ -49,9 +48,8 @@ def recognise(path: str, tag: Optional[str] = None) -> bool:
     return os.path.isfile(os.path.join(_root(path, tag), METADATA_FILE))
 
 
-def model_config(path: str) -> Optional[dict]:
-    """The folder's `model_config.json` (SAT's file; a DCP save holds no model config), else None."""
-    return sat.model_config(path)
+# A DCP save holds no model config: SAT's `model_config.json` in the folder, else None.
+model_config = folder_model_config
 
 
 # --- one item: a torch.save zip inside a .distcp file -------------------------------------------
