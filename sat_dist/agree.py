@@ -69,7 +69,10 @@ def finalize(model: nn.Module) -> None:
     model.requires_grad_(False)
 
 
-def local_status(rt: Runtime, model: nn.Module, sd: dict, replicated_digest: str, report: RankReport) -> RankStatus:
+def local_status(rt: Runtime, model: nn.Module, sd: dict, replicated_digest: str, report: RankReport,
+                 shard_digest: Optional[str] = None) -> RankStatus:
+    """`replicated_digest` / `shard_digest`: fingerprints (report.fingerprints) of the replicated
+    tensors and of the whole shard, compared across all ranks / across DP replicas."""
     return RankStatus(
         rank=rt.rank,
         tp_rank=rt.tp_rank,
@@ -78,7 +81,7 @@ def local_status(rt: Runtime, model: nn.Module, sd: dict, replicated_digest: str
         grads=[n for n, p in model.named_parameters() if p.requires_grad],
         meta=[n for n, t in list(sd.items()) + list(model.named_buffers()) if t.is_meta],
         replicated_digest=replicated_digest,
-        digest=report.digest,
+        digest=shard_digest if shard_digest is not None else report.digest,
         report=report,
     )
 

@@ -1,4 +1,4 @@
-"""`sat-dist` / `python -m sat_dist`: load, inspect, plan, demo, env.
+"""`sat-dist` / `python -m sat_dist`: load, inspect, plan, demo, env, convert.
 
 Every rank runs the same command. On success rank 0 prints the per-rank table; on failure every
 rank prints the same agreed error to stderr and exits 1.
@@ -26,6 +26,12 @@ def _add_load_args(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
     p.add_argument("--report", default=None, metavar="PATH", help="write the JSON load report here (rank 0)")
     p.add_argument("--timeout", type=float, default=None, dest="timeout_s",
                    help="seconds before a missing peer or rendezvous fails the load (default 300)")
+    p.add_argument("--exchange", choices=["auto", "off"], default=None,
+                   help="auto (default): ranks that need the same bytes split the reads and broadcast them; "
+                        "off: every rank reads all it needs")
+    p.add_argument("--digest", action="store_true", default=None,
+                   help="put the SHA-256 state-dict digest in the report (default: only with --report)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(overrides=[])  # key=value words anywhere on the line, e.g. model.num_layers=4
 
 
@@ -54,7 +60,41 @@ def build_parser() -> argparse.ArgumentParser:
                            "estimate; required for 1.5 (e.g. 22 96 170 for 81 frames at 768x1360)")
     plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
     plan.set_defaults(overrides=[])
+    _add_convert_parser(sub)
     return parser
+
+
+def _add_convert_parser(sub) -> None:
+    conv = sub.add_parser("convert", help="convert any checkpoint to sat|safetensors|diffusers|dcp, streaming; "
+                                          "under torchrun each rank writes its own part")
+    conv.add_argument("src", help="any checkpoint `load` reads (SAT, DeepSpeed, safetensors, diffusers, DCP)")
+    conv.add_argument("dst", help="the new output folder (appears complete, or not at all)")
+    conv.add_argument("--to", required=True, choices=["sat", "safetensors", "diffusers", "dcp"])
+    conv.add_argument("--tp", type=int, default=None, help="model-parallel size of a SAT output (default 1)")
+    conv.add_argument("--shard-size", default="5GB", help="largest safetensors/diffusers file (default 5GB)")
+    conv.add_argument("--dtype", default=None, help="cast to fp32|fp16|bf16 (default: the stored dtype)")
+    conv.add_argument("--config", nargs="+", default=[], metavar="YAML", help="model config YAMLs, as for load")
+    conv.add_argument("--extra-keys", choices=["drop", "separate"], default="drop",
+                      help="tensors outside the model (a fine-tuned CogVideoX's conditioner.*): reported and "
+                           "dropped (default), or written to DST/extra/ as safetensors")
+    conv.add_argument("--force", action="store_true", help="replace an existing DST (once the new one is complete)")
+    conv.add_argument("--tag", default=None, help="iteration folder to read instead of what 'latest' says")
+    conv.add_argument("--weights", choices=["auto", "module", "fp32"], default=None, help="DeepSpeed: as for load")
+    conv.add_argument("--timeout", type=float, default=None, dest="timeout_s", help="seconds (default 300)")
+    conv.add_argument("--json", action="store_true", help="print the report as JSON (rank 0)")
+    conv.set_defaults(overrides=[])
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+    from .launch import detect_launch
+
+    report = convert(args.src, args.dst, args.to, tp=args.tp, shard_size=args.shard_size, dtype=args.dtype,
+                     config=args.config, overrides=args.overrides, extra_keys=args.extra_keys, force=args.force,
+                     tag=args.tag, weights=args.weights, timeout_s=args.timeout_s)
+    if detect_launch().rank == 0:
+        print(json.dumps(report.to_dict(), indent=2) if args.json else report.table(), flush=True)
+    return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -101,7 +141,8 @@ def cmd_load(args: argparse.Namespace, checkpoint: Optional[str]) -> int:
     model, report = loader.load_model(
         checkpoint, args.config, tp=args.tp, dtype=args.dtype, device=args.device, report=args.report,
         overrides=args.overrides, tag=args.tag, timeout_s=args.timeout_s, return_report=True,
-        weights=getattr(args, "weights", None),
+        weights=getattr(args, "weights", None), exchange=args.exchange, digest=args.digest,
+        progress=False if args.quiet else None,
     )
     import torch.distributed as dist
 
@@ -162,6 +203,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_inspect(args)
         if args.command == "demo":
             return cmd_demo(args)
+        if args.command == "convert":
+            return cmd_convert(args)
         return cmd_load(args, args.checkpoint)
     except SatDistError as exc:
         print(f"[rank {_rank_for_messages()}] {exc}", file=sys.stderr, flush=True)

@@ -1,8 +1,9 @@
 """The process group's lifecycle and every load-time collective.
 
 Keeping them in one module makes the communication pattern auditable: a load creates (or joins)
-the default group and the TP groups, then does exactly two object all-gathers (plan agreement,
-final agreement). The TP forward collectives live with the models (`models/tp_ops.py`).
+the default group, the TP groups and the DP groups, then does two object all-gathers (plan agreement,
+final agreement), plus, when ranks share bytes, the exchange's signature all-gather and broadcasts.
+The TP forward collectives live with the models (`models/tp_ops.py`).
 """
 from __future__ import annotations
 
@@ -69,6 +70,11 @@ def setup(
         group = dist.new_group(ranks, timeout=timeout) if mesh.tp > 1 else None
         if launch.rank in ranks:
             rt.tp_group = group
+    # DP groups (ranks with the same TP rank) carry the exchange's broadcasts (sat_dist.exchange).
+    for ranks in (list(range(t, mesh.world_size, mesh.tp)) for t in range(mesh.tp)):
+        group = dist.new_group(ranks, timeout=timeout) if mesh.dp > 1 else None
+        if launch.rank in ranks:
+            rt.dp_group = group
     return rt
 
 
@@ -78,10 +84,50 @@ def teardown(rt: Runtime) -> None:
         dist.destroy_process_group()
 
 
+def broadcast_async(t: torch.Tensor, src: int, group=None):
+    """Start broadcasting `t` from global rank `src` over `group` (None: the world); `wait` ends it.
+    The exchange's only weight-carrying collective."""
+    return dist.broadcast(t, src=src, group=group, async_op=True)
+
+
+def wait(work) -> None:
+    work.wait()
+
+
 def all_gather_objects(obj: Any) -> list[Any]:
     """Gather one picklable object from every rank (used for agreement, never for weights)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
+    return out
+
+
+# --- the video engine's CFG parallelism (sat_dist.engine) -------------------------------------------
+
+def cfg_pair_group(rt: Runtime, timeout_s: float = 300.0):
+    """This rank's CFG pair: itself and the DP replica beside it with the same TP rank (DP ranks 2k and
+    2k+1), which run the unconditional and conditional passes at once. Every rank must call it (each
+    group is created by all ranks, in one order). None when there are fewer than 2 replicas."""
+    dp, tp = rt.mesh.dp, rt.mesh.tp
+    if dp < 2:
+        return None
+    mine, timeout = None, datetime.timedelta(seconds=timeout_s)
+    for k in range(dp // 2):
+        for t in range(tp):
+            ranks = [2 * k * tp + t, (2 * k + 1) * tp + t]
+            group = dist.new_group(ranks, timeout=timeout)
+            if rt.rank in ranks:
+                mine = group
+    return mine
+
+
+def all_gather_pair(x: torch.Tensor, group) -> torch.Tensor:
+    """Both halves of a CFG pair stacked on a new dim 0, in pair order (lower DP rank first): one all-gather."""
+    x = x.contiguous()
+    out = torch.empty((2, *x.shape), dtype=x.dtype, device=x.device)
+    if x.device.type == "cuda":
+        dist.all_gather_into_tensor(out, x, group=group)
+    else:  # gloo: a list of views into `out`
+        dist.all_gather(list(out.unbind(0)), x, group=group)
     return out

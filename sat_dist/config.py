@@ -49,6 +49,10 @@ class LoadConfig:
     tag: Optional[str] = None  # iteration folder to load instead of `latest`
     weights: str = "auto"  # DeepSpeed ZeRO-1/2: auto|module = module weights, fp32 = fp32 master partitions
     report: Optional[str] = None
+    exchange: str = "auto"  # auto: ranks needing the same bytes split the reads and broadcast; off: each reads all
+    digest: Optional[bool] = None  # SHA-256 state-dict digest in the report; None: only when a report file is written
+    readers: int = 4  # reader threads per rank
+    progress: Optional[bool] = None  # rank 0's progress bar; None: on a TTY (shown for loads past ~2 s)
 
     @property
     def torch_dtype(self) -> Optional[torch.dtype]:
@@ -150,4 +154,8 @@ def resolve(
     parse_dtype(cfg.dtype)
     if cfg.weights not in ("auto", "module", "fp32"):
         raise ConfigError(f"--weights must be auto, module or fp32, got {cfg.weights!r}")
+    if cfg.exchange not in ("auto", "off"):
+        raise ConfigError(f"--exchange must be auto or off, got {cfg.exchange!r}")
+    if cfg.readers < 1:
+        raise ConfigError(f"load.readers must be >= 1, got {cfg.readers}")
     return cfg

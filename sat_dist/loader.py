@@ -6,22 +6,25 @@ materializing (status, eval flags and digests). Either raises the same error on 
 """
 from __future__ import annotations
 
+import hashlib
+import sys
 import time
 from typing import Optional, Sequence, Union
 
 from torch import nn
 
 from . import collectives as C
+from . import exchange
 from . import formats
 from .agree import RankStatus, agree_loaded, agree_phase, describe, finalize, local_status
 from .config import LoadConfig, resolve
-from .errors import ConfigError
-from .materialize import materialize
+from .errors import ConfigError, GroupLoadError
+from .materialize import materialize, staging_slots
 from .formats.base import IndexRequest
 from .launch import detect_launch
 from .models import TPInfo, build_meta_model, check_tp, collect_specs
 from .plan import make_plan
-from .report import LoadReport, RankReport, peak_rss_bytes, state_dict_digests
+from .report import LoadReport, Progress, RankReport, fingerprints, peak_rss_bytes, state_dict_digest
 from .runtime import Runtime
 
 
@@ -38,17 +41,23 @@ def load_model(
     weights: Optional[str] = None,
     timeout_s: Optional[float] = None,
     return_report: bool = False,
+    digest: Optional[bool] = None,
+    exchange: Optional[str] = None,
+    progress: Optional[bool] = None,
 ):
     """Load a checkpoint tensor-parallel on every rank of the job (torchrun/SLURM/MPI or single).
 
     Returns the module (eval mode, no grads, TP collectives in its forward); with
     `return_report=True`, `(module, LoadReport)`. The process group stays up for the forward;
-    `sat_dist.shutdown()` destroys it if sat_dist created it.
+    `sat_dist.shutdown()` destroys it if sat_dist created it. `digest`: put the SHA-256 state-dict
+    digest in the report (default: only when `report` names a file to write); `exchange`: auto|off
+    (ranks that need the same bytes split the reads); `progress`: rank 0's bar (default: on a TTY).
     """
     t0 = time.perf_counter()
     files = [config] if isinstance(config, str) else list(config or [])
     cfg = resolve(checkpoint, files, overrides, tp=tp, dtype=dtype, device=device, report=report,
-                  tag=tag, timeout_s=timeout_s, weights=weights)
+                  tag=tag, timeout_s=timeout_s, weights=weights, digest=digest, exchange=exchange,
+                  progress=progress)
     if not cfg.checkpoint:
         raise ConfigError("no checkpoint given: pass a path (or load.checkpoint in a config)")
     rt = C.setup(detect_launch(), cfg.tp, cfg.device, cfg.timeout_s)
@@ -57,11 +66,16 @@ def load_model(
     except BaseException:
         C.teardown(rt)
         raise
-    _RUNTIMES.append(rt)
+    keep_runtime(rt)
     return (model, rep) if return_report else model
 
 
 _RUNTIMES: list[Runtime] = []
+
+
+def keep_runtime(rt: Runtime) -> None:
+    """Keep `rt`'s process group up for the forwards until `shutdown()` (load_model, load_engine)."""
+    _RUNTIMES.append(rt)
 
 
 def shutdown() -> None:
@@ -71,9 +85,49 @@ def shutdown() -> None:
 
 
 def load_with_runtime(rt: Runtime, cfg: LoadConfig, t0: Optional[float] = None) -> tuple[nn.Module, LoadReport]:
+    return load_components(rt, [cfg], t0)[0]
+
+
+def load_components(rt: Runtime, cfgs: Sequence[LoadConfig], t0: Optional[float] = None,
+                    names: Sequence[str] = ()) -> list[tuple[nn.Module, LoadReport]]:
+    """Load several models (an engine's components) on one runtime, bracketed by ONE plan agreement
+    and ONE load agreement for all of them: every component is planned before any byte of any is
+    read, and no rank returns unless every component loaded on every rank. Returns (model, report)
+    per component, in order; `names` label the components in errors."""
     t0 = time.perf_counter() if t0 is None else t0
+    names = list(names) or [f"component {i}" for i in range(len(cfgs))]
+    timeout = max(c.timeout_s for c in cfgs)
     err: Optional[BaseException] = None
-    model = plan = specs = None
+    planned: list = []
+    try:
+        for name, cfg in zip(names, cfgs):
+            planned.append(_plan_component(rt, cfg, name if len(cfgs) > 1 else ""))
+    except Exception as exc:  # reported to every rank below, never swallowed
+        err = exc
+    agree_phase(rt, "plan", err, timeout)
+
+    try:
+        parts = [_load_component(rt, cfg, model, specs, plan, t0) for cfg, (model, specs, plan) in zip(cfgs, planned)]
+        status = parts[0] if len(parts) == 1 else _merge(rt, names, parts)
+    except GroupLoadError:  # a peer died during the exchange: the group cannot agree any more
+        raise
+    except Exception as exc:
+        status = RankStatus(rt.rank, describe(exc), rt.tp_rank, rt.dp_rank)
+    statuses = agree_loaded(rt, status, timeout)
+    out = []
+    for i, (cfg, (model, _, _)) in enumerate(zip(cfgs, planned)):
+        report = LoadReport(
+            status="ok", world_size=rt.world_size, tp=rt.tp, dp=rt.mesh.dp, checkpoint=cfg.checkpoint,
+            seconds=round(time.perf_counter() - t0, 4),
+            ranks=[s.report if len(cfgs) == 1 else s.report[i] for s in statuses],
+        )
+        if cfg.report and rt.rank == 0:
+            report.write(cfg.report)
+        out.append((model, report))
+    return out
+
+
+def _plan_component(rt: Runtime, cfg: LoadConfig, name: str):
     try:
         check_tp(cfg.model, rt.tp)
         model = build_meta_model(cfg.model, TPInfo(rt.tp, rt.tp_rank, rt.tp_group))
@@ -85,35 +139,54 @@ def load_with_runtime(rt: Runtime, cfg: LoadConfig, t0: Optional[float] = None) 
         specs = {n: s for n, s in specs.items() if n not in index.meta.get("absent", {})}
         # No --dtype: the reader's default (bf16 for a bf16 DeepSpeed run's fp32 masters), else as stored.
         dtype = cfg.torch_dtype or index.meta.get("default_dtype")
-        plan = make_plan(specs, rt.tp, rt.tp_rank, index, dtype, prefer, cfg.staging_mib << 20)
-    except Exception as exc:  # reported to every rank below, never swallowed
-        err = exc
-    agree_phase(rt, "plan", err, cfg.timeout_s)
-
-    err, rep = None, None
-    try:
-        tensors, stats = materialize(plan, rt.device)
-        model.load_state_dict(tensors, strict=True, assign=True)
-        del tensors
-        finalize(model)
-        sd = model.state_dict()
-        replicated = [n for n, s in specs.items() if s.layout.replicated]
-        digest, replicated_digest = state_dict_digests(sd, replicated)
-        rep = RankReport(
-            rank=rt.rank, local_rank=rt.launch.local_rank, host=rt.host, tp_rank=rt.tp_rank,
-            dp_rank=rt.dp_rank, device=str(rt.device), bytes_read=stats.bytes_read,
-            bytes_needed=plan.bytes_needed, peak_rss_bytes=peak_rss_bytes(),
-            seconds=round(time.perf_counter() - t0, 4), num_tensors=len(plan.targets),
-            digest=digest,
-        )
-        status = local_status(rt, model, sd, replicated_digest, rep)
+        op_bytes = (cfg.staging_mib << 20) // staging_slots(cfg.readers)  # the staging budget, all buffers
+        return model, specs, make_plan(specs, rt.tp, rt.tp_rank, index, dtype, prefer, op_bytes)
     except Exception as exc:
-        status = RankStatus(rt.rank, describe(exc), rt.tp_rank, rt.dp_rank)
-    statuses = agree_loaded(rt, status, cfg.timeout_s)
-    report = LoadReport(
-        status="ok", world_size=rt.world_size, tp=rt.tp, dp=rt.mesh.dp, checkpoint=cfg.checkpoint,
-        seconds=round(time.perf_counter() - t0, 4), ranks=[s.report for s in statuses],
+        if not name:
+            raise
+        try:  # say which component of an engine failed, keeping the error's type
+            named = type(exc)(f"{name}: {exc}", *exc.args[1:])
+        except Exception:
+            raise exc from None
+        raise named from exc
+
+
+def _load_component(rt: Runtime, cfg: LoadConfig, model: nn.Module, specs: dict, plan, t0: float) -> RankStatus:
+    share = exchange.plan_exchange(rt, plan, cfg.exchange)
+    show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+    own = sum(op.nbytes for op in plan.ops if op.name in share.read)
+    bar = Progress(show and rt.rank == 0, own, rt.world_size)
+    try:
+        tensors, stats = materialize(plan, rt.device, share.read, cfg.readers, bar.update)
+    finally:
+        bar.close()
+    received = exchange.run(rt, share, tensors, cfg.timeout_s)
+    model.load_state_dict(tensors, strict=True, assign=True)
+    del tensors
+    finalize(model)
+    sd = model.state_dict()
+    replicated = [n for n, s in specs.items() if s.layout.replicated]
+    fps = fingerprints(sd, {"replicated": replicated, "shard": sd})
+    want_digest = cfg.digest if cfg.digest is not None else bool(cfg.report)
+    rep = RankReport(
+        rank=rt.rank, local_rank=rt.launch.local_rank, host=rt.host, tp_rank=rt.tp_rank,
+        dp_rank=rt.dp_rank, device=str(rt.device), bytes_read=stats.bytes_read,
+        bytes_needed=plan.bytes_needed, peak_rss_bytes=peak_rss_bytes(),
+        seconds=round(time.perf_counter() - t0, 4), num_tensors=len(plan.targets),
+        digest=state_dict_digest(sd) if want_digest else None, bytes_received=received,
     )
-    if cfg.report and rt.rank == 0:
-        report.write(cfg.report)
-    return model, report
+    return local_status(rt, model, sd, fps["replicated"], rep, fps["shard"])
+
+
+def _merge(rt: Runtime, names: Sequence[str], parts: list[RankStatus]) -> RankStatus:
+    """One status for all components: findings labelled by component, digests chained in order,
+    `report` the list of per-component RankReports."""
+    def chain(values: list) -> str:
+        return hashlib.sha256("|".join(values).encode()).hexdigest()
+
+    def label(attr: str) -> list:
+        return [f"{n}: {x}" for n, p in zip(names, parts) for x in getattr(p, attr)]
+
+    return RankStatus(rt.rank, None, rt.tp_rank, rt.dp_rank, label("training"), label("grads"), label("meta"),
+                      chain([p.replicated_digest for p in parts]), chain([p.digest for p in parts]),
+                      [p.report for p in parts])

@@ -7,6 +7,7 @@ budget, and validated before any byte moves: every local element is covered exac
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -212,3 +213,90 @@ def make_plan(
         _check_exact_cover(name, local_shape, boxes, files)
     plan.ops.sort(key=lambda op: (op.file, op.first_byte))
     return plan
+
+
+# --- who reads what: the exchange assignment (pure) ----------------------------------------------
+
+def target_signatures(plan: ReadPlan) -> dict[str, str]:
+    """name -> a hash of everything that determines the local tensor's bytes (its shape, dtypes and
+    every copy op: file, byte runs, destination box). Equal signatures on two ranks mean equal bytes."""
+    ops: dict[str, list] = {}
+    for op in plan.ops:
+        ops.setdefault(op.name, []).append((op.file, op.runs, str(op.src_dtype), op.shape, op.dst))
+    out = {}
+    for name, t in plan.targets.items():
+        key = repr((name, t.shape, str(t.dtype), str(t.stored_dtype), ops.get(name, [])))
+        out[name] = hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
+    return out
+
+
+@dataclass
+class Exchange:
+    """This rank's part of the exchange: which targets it reads from storage, and the broadcasts
+    (target name, owner's global rank) it takes part in, in the same order on every rank of the group:
+    `dp` over its DP group (ranks with its TP rank), `world` over all ranks."""
+
+    read: set[str]
+    dp: list[tuple[str, int]] = field(default_factory=list)
+    world: list[tuple[str, int]] = field(default_factory=list)
+
+    def received(self, rank: int) -> list[str]:
+        return [n for n, owner in self.dp + self.world if owner != rank]
+
+
+def _balanced_owners(names: Sequence[str], sizes: Mapping[str, int], parts: int) -> list[int]:
+    """Cut `names` (in read order) into `parts` contiguous runs of about equal bytes: each owner
+    then reads one sequential region."""
+    total = sum(sizes[n] for n in names) or 1
+    out, done = [], 0
+    for n in names:
+        out.append(min(parts - 1, (2 * done + sizes[n]) * parts // (2 * total)))
+        done += sizes[n]
+    return out
+
+
+def assign_exchange(plan: ReadPlan, tables: Sequence[Mapping[str, str]], rank: int, tp: int,
+                    enabled: bool = True) -> Exchange:
+    """Decide, from every rank's `target_signatures` (`tables[r]`), who reads each of this rank's
+    targets so that each distinct tensor is read from storage once per job:
+
+    * a target with the same signature on every rank (a replicated tensor every rank reads from the
+      same file) is read once, by one rank, and broadcast to the world;
+    * else, when every rank of this rank's DP group (same TP rank, strided) has the same signature
+      (always, for an identical plan), it is read by one DP replica and broadcast over the DP group;
+    * else (replicated tensors read from different mp files, which the agreement compares) it is
+      read here.
+
+    Owners are balanced by bytes over contiguous runs in file order. Every rank computes the same
+    answer from the same tables; `enabled=False` reads everything locally."""
+    world, mine = len(tables), tables[rank]
+    order = sorted(plan.targets, key=_first_op_key(plan))
+    if not enabled or world == 1:
+        return Exchange(read=set(plan.targets))
+    dp_ranks = list(range(rank % tp, world, tp))
+    world_cls, dp_cls, local = [], [], []
+    for n in order:
+        sig = mine[n]
+        if all(t.get(n) == sig for t in tables):
+            world_cls.append(n)
+        elif len(dp_ranks) > 1 and all(tables[r].get(n) == sig for r in dp_ranks):
+            dp_cls.append(n)
+        else:
+            local.append(n)
+    sizes = {n: math.prod(t.shape) * t.dtype.itemsize for n, t in plan.targets.items()}
+    ex = Exchange(read=set(local))
+    for n, o in zip(dp_cls, _balanced_owners(dp_cls, sizes, len(dp_ranks))):
+        ex.dp.append((n, dp_ranks[o]))
+    for n, o in zip(world_cls, _balanced_owners(world_cls, sizes, world)):
+        ex.world.append((n, o))
+    ex.read |= {n for n, owner in ex.dp + ex.world if owner == rank}
+    return ex
+
+
+def _first_op_key(plan: ReadPlan):
+    first: dict[str, tuple] = {}
+    for op in plan.ops:
+        key = (op.file, op.first_byte)
+        if op.name not in first or key < first[op.name]:
+            first[op.name] = key
+    return lambda n: (first.get(n, ("", 0)), n)

@@ -1,7 +1,17 @@
-"""The load report: per-rank facts every load proves about itself, and the state-dict digest.
+"""The load report: per-rank facts every load proves about itself, its optional state-dict digest,
+and the cheap fingerprints the group agreement compares.
 
-The digest is defined independently of sat_dist's internals so anyone can compare a load with
-another loader, TP size or launcher without trusting this code.
+The digest (SHA-256) is defined independently of sat_dist's internals so anyone can compare a load
+with another loader, TP size or launcher without trusting this code. It costs about as much as the
+load itself, so it is computed only when asked (a report file, `--digest`); on CUDA it is taken from
+the host bytes as they pass through staging (materialize), never from a copy back to the host.
+
+The fingerprint is what the agreement compares on every load: per tensor, the wrapping int64 sum
+of its 8-byte words and the sum of its 64 KiB block sums weighted by odd numbers, computed where
+the tensor lives (on the GPU for a CUDA load) at memory bandwidth (~25 GB/s on one CPU core).
+It detects any difference confined to one 8-byte word (any bit flip, a corrupted or zeroed
+word) and any reordering of differing 64 KiB blocks; compensating changes of several words inside
+one block can escape it. It is not a cryptographic check: the digest is.
 """
 from __future__ import annotations
 
@@ -11,38 +21,93 @@ import os
 import resource
 import sys
 from dataclasses import asdict, dataclass
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Optional
 
 import torch
 
-
-def _digest_records(name: str, t: torch.Tensor) -> tuple[bytes, bytes]:
-    t = t.detach().contiguous().cpu()
-    head = f"{name}|{list(t.shape)}|{str(t.dtype).removeprefix('torch.')}\n".encode()
-    return head, t.reshape(-1).view(torch.uint8).numpy().tobytes()
+FP_BLOCK = 8192  # int64 words per fingerprint block (64 KiB)
 
 
-def state_dict_digests(sd: Mapping[str, torch.Tensor], subset: Iterable[str]) -> tuple[str, str]:
-    """`state_dict_digest` of all of `sd` and of only `subset`, in one pass: each tensor is copied
-    to the host and turned into bytes once (a CUDA shard's replicated part would be copied twice)."""
-    full, part, subset = hashlib.sha256(), hashlib.sha256(), set(subset)
-    for name in sorted(sd):
-        head, data = _digest_records(name, sd[name])
-        for h in (full, part) if name in subset else (full,):
-            h.update(head)
-            h.update(data)
-    return full.hexdigest(), part.hexdigest()
+def digest_header(name: str, t: torch.Tensor) -> bytes:
+    return f"{name}|{list(t.shape)}|{str(t.dtype).removeprefix('torch.')}\n".encode()
+
+
+def host_bytes(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a contiguous host tensor, without a copy."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
 
 
 def state_dict_digest(sd: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 over sorted (name, shape, dtype, raw bytes) of `sd`: the load report's digest."""
-    return state_dict_digests(sd, ())[0]
+    """SHA-256 over sorted (name, shape, dtype, raw bytes) of `sd`: the load report's digest.
+    Host tensors are hashed in place; a device tensor is copied to the host (the loader never
+    calls this for device tensors: materialize hashes their host bytes as they pass)."""
+    h = hashlib.sha256()
+    for name in sorted(sd):
+        t = sd[name].detach()
+        t = (t if t.device.type == "cpu" else t.cpu()).contiguous()
+        h.update(digest_header(name, t))
+        h.update(host_bytes(t))
+    return h.hexdigest()
+
+
+def _tensor_fingerprint(t: torch.Tensor) -> torch.Tensor:
+    """[sum of int64 words, sum of block sums * (2i+1)] of `t`'s bytes, as an int64 pair on its device."""
+    b = t.detach().contiguous().reshape(-1).view(torch.uint8)
+    if b.numel() and b.data_ptr() % 8:
+        b = b.clone()
+    n8 = b.numel() // 8
+    words = b[: n8 * 8].view(torch.int64)
+    nb = n8 // FP_BLOCK
+    sums = words[: nb * FP_BLOCK].view(nb, FP_BLOCK).sum(1)
+    tail = words[nb * FP_BLOCK:].sum() + b[n8 * 8:].to(torch.int64).sum()
+    weights = torch.arange(1, 2 * nb + 1, 2, dtype=torch.int64, device=b.device)
+    return torch.stack([sums.sum() + tail, (sums * weights).sum() + tail * (2 * nb + 1)])
+
+
+def fingerprints(sd: Mapping[str, torch.Tensor], subsets: Mapping[str, Iterable[str]]) -> dict[str, str]:
+    """One fingerprint (hex) per named subset of `sd` (sorted names, shapes, dtypes and each
+    tensor's word sums; see the module docstring). One pass, one device sync."""
+    names = sorted(sd)
+    if not names:
+        return {k: "" for k in subsets}
+    pairs = torch.stack([_tensor_fingerprint(sd[n]) for n in names]).cpu().tolist()
+    per = {n: f"{n}|{list(sd[n].shape)}|{sd[n].dtype}|{a}|{b}" for n, (a, b) in zip(names, pairs)}
+    out = {}
+    for key, subset in subsets.items():
+        h = hashlib.blake2b(digest_size=16)
+        for n in sorted(set(subset)):
+            h.update(per[n].encode())
+        out[key] = h.hexdigest()
+    return out
 
 
 def peak_rss_bytes() -> int:
     """ru_maxrss of this process (KiB on Linux, bytes on macOS)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
+
+
+class Progress:
+    """A tqdm bar of the group's bytes on rank 0 (rank 0's own bytes x the number of ranks, which
+    read balanced shares), shown only for loads past `delay_s` on a TTY; otherwise a no-op.
+    `update` is called from reader threads (tqdm serialises it)."""
+
+    def __init__(self, enabled: bool, total: int, scale: int = 1, delay_s: float = 2.0):
+        self.bar, self.scale = None, scale
+        if enabled and total > 0:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total * scale, unit="B", unit_scale=True, unit_divisor=1024, delay=delay_s,
+                            desc=f"sat_dist load ({scale} rank{'s' if scale > 1 else ''})", leave=False)
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n * self.scale)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 @dataclass
@@ -53,12 +118,13 @@ class RankReport:
     tp_rank: int
     dp_rank: int
     device: str
-    bytes_read: int
+    bytes_read: int  # fetched from storage by this rank, exactly
     bytes_needed: int
     peak_rss_bytes: int
     seconds: float
     num_tensors: int
-    digest: str
+    digest: Optional[str]  # None unless asked (a report file, --digest)
+    bytes_received: int = 0  # tensor bytes received from peers by the exchange
 
 
 @dataclass
@@ -86,9 +152,10 @@ class LoadReport:
     def table(self) -> str:
         def mib(n: int) -> str:
             return f"{n / 2**20:9.1f}"
-        lines = [f"{'rank':>4} {'host':<12} {'tp':>3} {'dp':>3} {'device':<8} {'read MiB':>9} "
+        lines = [f"{'rank':>4} {'host':<12} {'tp':>3} {'dp':>3} {'device':<8} {'read MiB':>9} {'recv MiB':>9} "
                  f"{'need MiB':>9} {'peak RSS MiB':>12} {'sec':>6}"]
         for r in self.ranks:
             lines.append(f"{r.rank:>4} {r.host[:12]:<12} {r.tp_rank:>3} {r.dp_rank:>3} {r.device:<8} "
-                         f"{mib(r.bytes_read)} {mib(r.bytes_needed)} {mib(r.peak_rss_bytes):>12} {r.seconds:6.2f}")
+                         f"{mib(r.bytes_read)} {mib(r.bytes_received)} {mib(r.bytes_needed)} "
+                         f"{mib(r.peak_rss_bytes):>12} {r.seconds:6.2f}")
         return "\n".join(lines)

@@ -70,6 +70,7 @@ class Runtime:
     device: torch.device
     host: str = field(default_factory=socket.gethostname)
     tp_group: object = None  # torch.distributed.ProcessGroup, set by collectives.setup
+    dp_group: object = None  # this rank's DP group (same TP rank), set by collectives.setup; None if dp == 1
     owns_process_group: bool = False
 
     @property

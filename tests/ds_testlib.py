@@ -175,7 +175,7 @@ def load_rank(rank: int, path: str, tp: int, overrides: list[str], weights: Opti
     import sat_dist
 
     model, rep = sat_dist.load_model(path, tp=tp, overrides=overrides, weights=weights, dtype=dtype, tag=tag,
-                                     return_report=True, timeout_s=60)
+                                     return_report=True, timeout_s=60, digest=True, exchange="off")
     state = {k: v.clone() for k, v in model.state_dict().items()}
     return state, rep.ranks[rank], "deepspeed" in sys.modules
 

@@ -27,7 +27,7 @@ KINDS = ["2b", "5b", "5b_i2v", "15", "15_i2v"]
 
 
 def _load(rank, config, tp, path=None, dtype=None):
-    model, rep = sat_dist.load_model(path, config, tp=tp, dtype=dtype, return_report=True)
+    model, rep = sat_dist.load_model(path, config, tp=tp, dtype=dtype, return_report=True, exchange="off")
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     on_meta = [n for n, t in list(sd.items()) + list(model.named_buffers()) if t.is_meta]
     return sd, rep.ranks[rank], on_meta, [n for n, m in model.named_modules() if m.training]

@@ -28,7 +28,7 @@ def plain_ckpts(tmp_path_factory):
 
 
 def _load_and_dump(rank, path, tp, report=None):
-    model, rep = sat_dist.load_model(path, tp=tp, report=report, return_report=True)
+    model, rep = sat_dist.load_model(path, tp=tp, report=report, return_report=True, digest=True)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     flags = {
         "training": [n for n, m in model.named_modules() if m.training],
@@ -60,7 +60,7 @@ def test_tp2_dp2_report_and_replica_digests(plain_ckpts, tmp_path):
     assert data["status"] == "ok" and (data["world_size"], data["tp"], data["dp"]) == (4, 2, 2)
     assert data["checkpoint"] == roots[1] and data["seconds"] > 0
     keys = {"rank", "local_rank", "host", "tp_rank", "dp_rank", "device", "bytes_read", "bytes_needed",
-            "peak_rss_bytes", "seconds", "num_tensors", "digest"}
+            "peak_rss_bytes", "seconds", "num_tensors", "digest", "bytes_received"}
     assert all(set(r) == keys for r in data["ranks"])
     assert [(r["tp_rank"], r["dp_rank"]) for r in data["ranks"]] == [(0, 0), (1, 0), (0, 1), (1, 1)]
     digests = [r["digest"] for r in data["ranks"]]

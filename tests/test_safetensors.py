@@ -75,7 +75,7 @@ def _load(rank, path, tp, config=None):
     opened = []
     real = reader.read_header
     reader.read_header = lambda p: (opened.append(p), real(p))[1]
-    _, rep = sat_dist.load_model(path, config, tp=tp, return_report=True)
+    _, rep = sat_dist.load_model(path, config, tp=tp, return_report=True, digest=True, exchange="off")
     return rep.ranks[rank], sorted(set(opened))
 
 

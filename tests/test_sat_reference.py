@@ -157,7 +157,7 @@ def test_sat_own_mp_logits(sat_ref, name):
 def _load_rank(rank, ckpt, tp, inputs):
     import sat_dist
 
-    model, rep = sat_dist.load_model(ckpt, tp=tp, return_report=True)
+    model, rep = sat_dist.load_model(ckpt, tp=tp, return_report=True, digest=True)
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     logits = None
     if inputs is not None:

@@ -30,7 +30,7 @@ def ckpt(tmp_path_factory):
 def _digest(rank, path, tp):
     import sat_dist
 
-    _, rep = sat_dist.load_model(path, tp=tp, return_report=True)
+    _, rep = sat_dist.load_model(path, tp=tp, return_report=True, digest=True)
     return rep.ranks[rank].digest
 
 

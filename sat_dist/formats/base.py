@@ -78,6 +78,18 @@ def check_shape(path: str, key: str, shape: Sequence[int], spec: TensorSpec, mp_
         )
 
 
+def read_json_object(path: str, what: str) -> dict:
+    """The JSON object in file `path` (`what` names it in errors); CheckpointError otherwise."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {what} {path}: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(obj).__name__}, not an object ({what})")
+    return obj
+
+
 def folder_model_config(path: str) -> Optional[dict]:
     """The `model_config.json` SAT writes in the checkpoint folder `path`, parsed (None: there is none)."""
     json_path = os.path.join(path, "model_config.json")

@@ -202,3 +202,71 @@ def variant_name(config: dict) -> str:
         return "CogVideoX 1.0, sincos positions (2B-style)"
     return "CogVideoX 1.0, 3D RoPE" + (" + learned positions (5B-I2V-style)" if c["use_learned_positional_embeddings"]
                                        else " (5B-style)")
+
+
+# --- SAT-layout model config -> config.json (the inverse of sat_model_config) -----------------------
+
+DIFFUSERS_VERSION = "0.42.1"  # written as `_diffusers_version`: the release whose __init__ DIFFUSERS_DEFAULTS mirrors
+
+
+def _module_params(sat: dict, key: str, where: str) -> tuple[str, dict]:
+    node = (sat.get("modules") or {}).get(key)
+    if not isinstance(node, dict) or "target" not in node:
+        raise ConfigError(f"{where}: modules.{key} must be {{target: ..., params: ...}} (CogVideo's layout)")
+    return str(node["target"]).rsplit(".", 1)[-1], dict(node.get("params") or {})
+
+
+def diffusers_config(sat: dict, where: str = "the model config") -> dict:
+    """The SAT-layout DiT model config (what `sat_model_config` returns; configs/*.yaml's
+    network_config params) -> a `CogVideoXTransformer3DModel` config.json, the arguments
+    huggingface/diffusers scripts/convert_cogvideox_to_diffusers.py gives the class for the same
+    release. Pure. SAT options diffusers' class has no form of are ConfigErrors naming them."""
+    if sat.get("model_class") != "DiffusionTransformer":
+        raise ConfigError(f"{where}: diffusers output holds the CogVideoX DiT (model_class DiffusionTransformer), "
+                          f"not {sat.get('model_class')!r}")
+    h, heads = int(sat["hidden_size"]), int(sat["num_attention_heads"])
+    targs = {"layernorm_order": "pre", "layernorm_epsilon": 1e-5, "use_bias": True, "use_final_layernorm": True,
+             **(sat.get("transformer_args") or {})}
+    pos_name, pos = _module_params(sat, "pos_embed_config", where)
+    _, patch = _module_params(sat, "patch_embed_config", where)
+    _, adaln = _module_params(sat, "adaln_layer_config", where)
+    rotary = pos_name == "Rotary3DPositionEmbeddingMixin"
+    ps = sat["patch_size"]
+    v15 = isinstance(ps, (list, tuple))
+    interp = {k: pos.get(k) if pos.get(k) is not None else sat.get(k, 1.0)
+              for k in ("height_interpolation", "width_interpolation", "time_interpolation")}
+    refuse = {
+        "transformer_args.layernorm_order": (targs["layernorm_order"] != "pre", "diffusers' blocks are pre-norm"),
+        "transformer_args.use_bias": (not targs["use_bias"], "diffusers' linears all have biases"),
+        "transformer_args.use_final_layernorm": (not targs["use_final_layernorm"], "diffusers always has norm_final"),
+        "transformer_args.inner_hidden_size": (targs.get("inner_hidden_size") not in (None, 4 * h),
+                                               "diffusers' MLP is 4 x hidden wide"),
+        "elementwise_affine": (not sat.get("elementwise_affine", True), "diffusers' norms are affine"),
+        "use_SwiGLU": (bool(sat.get("use_SwiGLU")), "diffusers' MLP is tanh-GELU"),
+        "adaln_layer_config.params.qk_ln": (not adaln.get("qk_ln", True), "diffusers always normalises q and k"),
+        "pos_embed_config.params.theta": (rotary and pos.get("theta", 10000) != 10000, "diffusers' RoPE theta is 10000"),
+        "pos_embed_config.params.rot_v": (rotary and bool(pos.get("rot_v")), "diffusers rotates only q and k"),
+        "pos_embed_config.params.learnable_pos_embed": (v15 and bool(pos.get("learnable_pos_embed")),
+                                                        "no CogVideoX 1.5 has learned positions"),
+        "pos_embed_config.params.width_interpolation": (
+            not rotary and interp["height_interpolation"] != interp["width_interpolation"],
+            "diffusers has one spatial_interpolation_scale"),
+        "patch_size": (v15 and ps[1] != ps[2], "diffusers' patches are square"),
+    }
+    bad = [f"{k} ({why})" for k, (hit, why) in refuse.items() if hit]
+    if bad:
+        raise ConfigError(f"{where}: {CLASS_NAME} cannot express {', '.join(bad)}")
+    out = {**DIFFUSERS_DEFAULTS,
+           "num_attention_heads": heads, "attention_head_dim": h // heads, "in_channels": sat["in_channels"],
+           "out_channels": sat["out_channels"], "time_embed_dim": sat.get("time_embed_dim") or h,
+           "ofs_embed_dim": sat.get("ofs_embed_dim"), "text_embed_dim": patch["text_hidden_size"],
+           "num_layers": sat["num_layers"], "sample_width": sat["latent_width"], "sample_height": sat["latent_height"],
+           "sample_frames": sat["num_frames"], "patch_size": ps[1] if v15 else ps, "patch_size_t": ps[0] if v15 else None,
+           "temporal_compression_ratio": sat["time_compressed_rate"], "max_text_seq_length": pos.get("text_length", 0),
+           "norm_eps": targs["layernorm_epsilon"], "use_rotary_positional_embeddings": rotary,
+           "use_learned_positional_embeddings": rotary and bool(pos.get("learnable_pos_embed")),
+           "patch_bias": (not v15) and bool(patch.get("bias", True))}
+    if not rotary:
+        out["spatial_interpolation_scale"] = interp["height_interpolation"]
+        out["temporal_interpolation_scale"] = interp["time_interpolation"]
+    return {"_class_name": CLASS_NAME, "_diffusers_version": DIFFUSERS_VERSION, **out}

@@ -20,7 +20,7 @@ from typing import Optional
 
 from ..errors import CheckpointError, ConfigError, MalformedCheckpointError
 from ..index import CheckpointIndex, Piece
-from ..placement import Replicate
+from ..placement import Replicate, TensorSpec
 from .base import IndexRequest, check_names, check_shape, folder_model_config, split_absent
 from .safetensors_header import DTYPE_CODES, SafetensorsFile, read_header, read_weight_map
 
@@ -115,20 +115,26 @@ def index(req: IndexRequest) -> tuple[CheckpointIndex, list[str]]:
     idx = CheckpointIndex(root=req.path, format=NAME, meta={"tag": None, "mp_size": 1, "absent": absent,
                                                             "files": len(needed), "files_total": len(files)})
     for name, spec in req.specs.items():
-        if name in absent:
-            continue
-        key, path = p + name, where[p + name]
-        if path not in headers:
-            headers[path] = read_header(path)
-        st = headers[path].tensors.get(key)
-        if st is None:
-            raise MalformedCheckpointError(
-                f"{src.index_json}: weight_map puts tensor {key!r} in {path}, whose header has no such tensor; "
-                f"the index and the shards come from different saves: copy them again together"
-            )
-        check_shape(path, key, st.shape, spec, 0, 1)
-        idx.add(Piece(name, st, tuple(Replicate().fragments(spec.global_shape))))
+        if name not in absent:
+            idx.add(full_piece(name, p + name, spec, where, headers, src.index_json))
     return idx, needed
+
+
+def full_piece(name: str, key: str, spec: TensorSpec, where: dict[str, str], headers: dict[str, SafetensorsFile],
+               index_json: Optional[str]) -> Piece:
+    """Stored tensor `key` (in file `where[key]`; its header read once into `headers`) as one full
+    piece of the model's tensor `name`, its shape checked against `spec`."""
+    path = where[key]
+    if path not in headers:
+        headers[path] = read_header(path)
+    st = headers[path].tensors.get(key)
+    if st is None:
+        raise MalformedCheckpointError(
+            f"{index_json}: weight_map puts tensor {key!r} in {path}, whose header has no such tensor; "
+            f"the index and the shards come from different saves: copy them again together"
+        )
+    check_shape(path, key, st.shape, spec, 0, 1)
+    return Piece(name, st, tuple(Replicate().fragments(spec.global_shape)))
 
 
 def _config_from_metadata(path: str, meta: dict[str, str]) -> Optional[dict]:

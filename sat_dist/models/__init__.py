@@ -12,11 +12,11 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..placement import TensorSpec
-from . import cogvideox, sat_gpt
+from . import cogvideox, cogvideox_vae, sat_gpt, t5
 from .family import ModelFamily
 from .layers import TPInfo, collect_specs
 
-FAMILIES: tuple[ModelFamily, ...] = (sat_gpt.FAMILY, cogvideox.FAMILY)
+FAMILIES: tuple[ModelFamily, ...] = (sat_gpt.FAMILY, cogvideox.FAMILY, t5.FAMILY, cogvideox_vae.FAMILY)
 
 
 def family_for(model_class: str) -> ModelFamily:

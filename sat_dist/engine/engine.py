@@ -1,0 +1,216 @@
+"""`load_engine`: CogVideoX's whole video engine — SAT's DiT and the T5 encoder tensor-parallel, the
+VAE on every rank — loaded through the loader's one path (meta skeleton -> plan -> each rank reads
+only its bytes -> materialize -> one group agreement for all components), and `Engine.sample`, the
+pipeline's sampling on top of it (THUDM/CogVideo sat/sample_video.py does the same with
+`model_parallel_size = 1`: get_model -> load_checkpoint -> conditioner -> sampler -> VAE decode -> mp4).
+
+Ranks form work groups: a TP group, or with CFG parallel a pair of TP groups (two DP replicas,
+`collectives.cfg_pair_group`) that run the unconditional and conditional passes at once. Every rank
+of a group runs the same sampler on the same numbers; the group's leader (TP rank 0 of its first
+replica) decodes and gets the frames. `sample` runs one prompt on every group (rank 0 returns the
+frames); `sample_many` deals prompts out to the groups.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .. import collectives as C
+from ..errors import ConfigError
+from ..launch import detect_launch
+from ..loader import keep_runtime, load_components
+from . import video
+from .layout import Components, components_for
+from .report import EngineReport, RunRecord, peak_device_bytes
+from .sampler import Conditioning, Guidance, denoise, initial_noise, make_scheduler
+from .text import encode_prompt, load_tokenizer
+
+V15_DEFAULT = (81, 768, 1360)  # CogVideoX1.5's frames, height, width (CogVideo inference/cli_demo.py)
+
+
+class Engine:
+    def __init__(self, rt, parts: Components, models: dict, report: EngineReport, pair_group, tokenizer):
+        self.rt, self.parts, self.report, self.tokenizer = rt, parts, report, tokenizer
+        self.dit, self.text_encoder, self.vae = models["transformer"], models["text_encoder"], models["vae"]
+        self.pair_group = pair_group
+        dp = rt.mesh.dp
+        self.groups = dp // 2 if pair_group is not None else dp
+        self.group = rt.dp_rank // 2 if pair_group is not None else rt.dp_rank
+        self.pair_index = rt.dp_rank % 2 if pair_group is not None else 0
+        self.leader = rt.tp_rank == 0 and self.pair_index == 0
+
+    # -- sizes -------------------------------------------------------------------------------------
+
+    @property
+    def spatial(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def temporal(self) -> int:
+        return int(self.vae.config.temporal_compression_ratio)
+
+    def default_size(self) -> tuple[int, int, int]:
+        """(frames, height, width): the 1.0 DiT's configured size; CogVideoX1.5's recommended one."""
+        a = self.dit.arch
+        if not a.v1:
+            return V15_DEFAULT
+        dcfg = self.parts.models["transformer"].model
+        return dcfg.num_frames, dcfg.latent_height * self.spatial, dcfg.latent_width * self.spatial
+
+    # -- sampling ----------------------------------------------------------------------------------
+
+    def sample(self, prompt: str, **kwargs) -> Optional[np.ndarray]:
+        """One video for `prompt`, computed by every work group; rank 0 gets [F, H, W, 3] frames in
+        [0, 1] (None elsewhere). Every rank must call it with the same arguments. Keyword arguments:
+        those of `run`."""
+        frames, _ = self.run(prompt, **kwargs)
+        return frames if self.rt.rank == 0 else None
+
+    def sample_many(self, prompts: Sequence[str], out: Callable[[int], Optional[str]] = lambda i: None,
+                    **kwargs) -> list[tuple[int, np.ndarray]]:
+        """Prompt i goes to work group i % groups; each group's leader decodes its videos (and writes
+        them to `out(i)` when that gives a path). Returns the leader's [(i, frames)]."""
+        done = []
+        for i, prompt in enumerate(prompts):
+            if i % self.groups == self.group:
+                frames, _ = self.run(prompt, out=out(i), **kwargs)
+                if self.leader:
+                    done.append((i, frames))
+        return done
+
+    def run(self, prompt: str, *, negative_prompt: str = "", num_steps: int = 50, seed: int = 42,
+            guidance_scale: float = 6.0, use_dynamic_cfg: Optional[bool] = None, num_frames: Optional[int] = None,
+            height: Optional[int] = None, width: Optional[int] = None, image: Any = None,
+            on_step: Optional[Callable] = None, decode: bool = True, out: Optional[str] = None,
+            progress: bool = False) -> tuple[Optional[np.ndarray], torch.Tensor]:
+        """This work group's sample, as diffusers' CogVideoX(ImageToVideo)Pipeline.__call__ computes it:
+        returns (frames on the group leader when `decode`, else None; the final latents on every rank).
+        `use_dynamic_cfg` None: on with the DPM scheduler (as CogVideo's inference/cli_demo.py runs the
+        5B models), off with DDIM. `on_step(i, t, latents)` sees every step's latents."""
+        if self.parts.i2v and image is None:
+            raise ConfigError("this is an image-to-video model: pass image= (a path, PIL image or tensor)")
+        if image is not None and not self.parts.i2v:
+            raise ConfigError("image= given, but this is a text-to-video model")
+        f0, h0, w0 = self.default_size()
+        num_frames, height, width = num_frames or f0, height or h0, width or w0
+        if height % 8 or width % 8:
+            raise ConfigError(f"height and width must be multiples of 8, got {height}x{width}")
+        sched = make_scheduler(self.parts.scheduler)
+        dynamic = (type(sched).__name__ == "CogVideoXDPMScheduler") if use_dynamic_cfg is None else use_dynamic_cfg
+        rec = RunRecord(prompt, seed, num_steps, num_frames, height, width, guidance_scale, dynamic,
+                        self.pair_group is not None, self.rt.rank, out=out)
+        dev, cfg_on = self.rt.device, guidance_scale > 1.0
+        t = time.perf_counter()
+        length = self.parts.max_text_length or self.dit.arch.text_length
+        pos = encode_prompt(self.tokenizer, self.text_encoder, prompt, length, dev)
+        neg = encode_prompt(self.tokenizer, self.text_encoder, negative_prompt, length, dev) if cfg_on else None
+        rec.seconds_encode = round(time.perf_counter() - t, 4)
+
+        dtype, gen = pos.dtype, torch.Generator().manual_seed(seed)
+        patch_t = None if self.dit.arch.v1 else self.dit.arch.patch[0]
+        latent_frames = (num_frames - 1) // self.temporal + 1
+        extra = 0  # CogVideoX1.5: latent frames padded up to the time patch, dropped before decoding
+        if patch_t is not None and latent_frames % patch_t:
+            extra = patch_t - latent_frames % patch_t
+            latent_frames += extra
+        shape = [1, latent_frames, self.dit.arch.in_channels, height // self.spatial, width // self.spatial]
+        cond = Conditioning(pos, neg)
+        if self.parts.i2v:
+            shape[2] //= 2
+            cond.image_latents = video.image_latents(self.vae, image, height, width, latent_frames, patch_t, gen,
+                                                     dev, dtype)
+            if patch_t is not None:
+                shape[1] += shape[1] % patch_t
+            if self.dit.arch.ofs_dim is not None:
+                cond.ofs = torch.full((1,), 2.0, device=dev, dtype=dtype)
+        latents = initial_noise(tuple(shape), gen, dev, dtype, sched)
+
+        bar = _bar(num_steps, progress and self.leader)
+        last = [time.perf_counter()]
+
+        def step(i, ts, lat):
+            now = time.perf_counter()
+            rec.seconds_per_step.append(round(now - last[0], 4))
+            last[0] = now
+            bar.update()
+            if on_step is not None:
+                on_step(i, ts, lat)
+
+        guidance = Guidance(self.dit, cond, self.pair_group, self.pair_index)
+        latents = denoise(guidance, sched, latents, num_steps, guidance_scale, dynamic, gen, step)
+        bar.close()
+        frames = None
+        if decode and self.leader:
+            t = time.perf_counter()
+            frames = video.decode(self.vae, latents[:, extra:])[0]
+            rec.seconds_decode = round(time.perf_counter() - t, 4)
+            if out:
+                video.write_mp4(frames, out, self.parts.fps)
+        if self.leader:
+            self.report.runs.append(rec)
+        return frames, latents
+
+    # -- the end -------------------------------------------------------------------------------------
+
+    def finish(self, report: Optional[str] = None) -> EngineReport:
+        """Collective: gather every rank's peak memory and every leader's run records into rank 0's
+        report (written to `report` there)."""
+        mine = {"rank": self.rt.rank, "device": str(self.rt.device),
+                "peak_device_bytes": peak_device_bytes(self.rt.device), "runs": self.report.runs}
+        gathered = C.all_gather_objects(mine)
+        self.report.ranks = [{k: v for k, v in g.items() if k != "runs"} for g in gathered]
+        self.report.runs = [r for g in gathered for r in g["runs"]]
+        if report and self.rt.rank == 0:
+            self.report.write(report)
+        return self.report
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _bar(total: int, show: bool):
+    if not show:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="denoise", unit="step")
+
+
+def load_engine(path_or_config: str | Sequence[str], tp: Optional[int] = None, *, dtype: Optional[str] = None,
+                device: Optional[str] = None, report: Optional[str] = None, timeout_s: Optional[float] = None,
+                cfg_parallel: bool = True, vae_tiling: Optional[dict] = None,
+                staging_mib: Optional[int] = None) -> Engine:
+    """Load every component of a CogVideoX release on every rank of the job (see module docstring).
+
+    `path_or_config`: a diffusers pipeline folder, or CogVideo SAT YAML file(s). `cfg_parallel`: with
+    an even number of DP replicas, pair them for CFG (world = 2 x tp: one pair). `vae_tiling`:
+    `AutoencoderKLCogVideoX.enable_tiling` arguments (default: diffusers' tile sizes)."""
+    t0 = time.perf_counter()
+    common = {"tp": tp, "dtype": dtype, "device": device, "timeout_s": timeout_s, "staging_mib": staging_mib}
+    parts = components_for(path_or_config, common)
+    tokenizer = load_tokenizer(parts.tokenizer)  # before the group forms: a bad folder fails every rank alike
+    first = parts.models["transformer"]
+    rt = C.setup(detect_launch(), first.tp, first.device, first.timeout_s)
+    try:
+        loaded = load_components(rt, list(parts.models.values()), t0, names=list(parts.models))
+        models = {name: model for name, (model, _) in zip(parts.models, loaded)}
+        video.enable_bounded_decode(models["vae"], vae_tiling)
+        pair = C.cfg_pair_group(rt, first.timeout_s) if cfg_parallel and rt.mesh.dp % 2 == 0 else None
+    except BaseException:
+        C.teardown(rt)
+        raise
+    keep_runtime(rt)
+    rep = EngineReport(parts.layout, parts.root, rt.world_size, rt.tp, rt.mesh.dp, pair is not None,
+                       round(time.perf_counter() - t0, 4), {n: r for n, (_, r) in zip(parts.models, loaded)})
+    engine = Engine(rt, parts, models, rep, pair, tokenizer)
+    if report and rt.rank == 0:
+        rep.write(report)
+    return engine

@@ -1,0 +1,88 @@
+"""The engine's one report: every component's load (per rank: bytes read, bytes needed, RSS,
+digest — `report.LoadReport`) and every sample run (seconds per step, encode/decode seconds), plus
+each rank's peak device memory, gathered once at the end (`Engine.finish`)."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+
+from ..report import LoadReport
+
+MIB = 1 << 20
+
+
+def peak_device_bytes(device: torch.device) -> int:
+    """Peak allocated device memory of this process (CUDA), else its peak RSS (CPU runs)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+@dataclass
+class RunRecord:
+    """One sample, as its group's leader saw it."""
+
+    prompt: str
+    seed: int
+    steps: int
+    frames: int
+    height: int
+    width: int
+    guidance_scale: float
+    dynamic_cfg: bool
+    cfg_parallel: bool
+    rank: int
+    seconds_encode: float = 0.0
+    seconds_per_step: list = field(default_factory=list)
+    seconds_decode: float = 0.0
+    out: Optional[str] = None
+
+
+@dataclass
+class EngineReport:
+    layout: str
+    root: str
+    world_size: int
+    tp: int
+    dp: int
+    cfg_parallel: bool
+    seconds_load: float
+    components: dict  # name -> LoadReport
+    runs: list = field(default_factory=list)  # RunRecord (each group's leader's; gathered by finish)
+    ranks: list = field(default_factory=list)  # per rank: rank, device, peak_device_bytes, peak_rss_bytes
+    status: str = "ok"
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k not in ("components", "runs")}
+        d["components"] = {n: r.to_dict() for n, r in self.components.items()}
+        d["runs"] = [asdict(r) for r in self.runs]
+        for r in d["runs"]:
+            steps = r["seconds_per_step"]
+            r["mean_seconds_per_step"] = round(sum(steps) / len(steps), 4) if steps else None
+        return d
+
+    def write(self, path: str) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+        os.replace(tmp, path)
+
+    def table(self) -> str:
+        """Per component and rank: MiB read / needed, then the load time."""
+        lines = [f"{'component':<13} {'rank':>4} {'tp':>3} {'dp':>3} {'read MiB':>9} {'need MiB':>9} {'sec':>7}"]
+        for name, rep in self.components.items():
+            rep: LoadReport
+            for r in rep.ranks:
+                lines.append(f"{name:<13} {r.rank:>4} {r.tp_rank:>3} {r.dp_rank:>3} {r.bytes_read / MIB:9.1f} "
+                             f"{r.bytes_needed / MIB:9.1f} {r.seconds:7.2f}")
+        lines.append(f"engine loaded on {self.world_size} ranks (tp={self.tp} x dp={self.dp}"
+                     f"{', CFG parallel' if self.cfg_parallel else ''}) in {self.seconds_load:.2f}s, eval agreed")
+        return "\n".join(lines)

@@ -1,0 +1,75 @@
+"""The VAE's side of a sample — the I2V first frame in, the decoded frames out — and the mp4 writer.
+
+As huggingface/diffusers src/diffusers/pipelines/cogvideo/pipeline_cogvideox_image2video.py
+(`prepare_latents`) and pipeline_cogvideox.py (`decode_latents`, `VideoProcessor.postprocess_video`);
+the mp4 is written as diffusers' `export_to_video` does with imageio-ffmpeg (`fps` frames per second,
+uint8 frames). The VAE decodes with diffusers' tiling and slicing on (`enable_tiling`,
+`enable_slicing`), so decode memory is bounded by a tile, not by the video size.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+
+def processor(vae: nn.Module):
+    from diffusers.video_processor import VideoProcessor
+
+    return VideoProcessor(vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1))
+
+
+def enable_bounded_decode(vae: nn.Module, tiling: Optional[dict] = None) -> None:
+    """Tiled, sliced decode: `tiling` passes enable_tiling's tile sizes/overlaps (default: diffusers')."""
+    vae.enable_slicing()
+    vae.enable_tiling(**(tiling or {}))
+
+
+def image_latents(vae: nn.Module, image: Any, height: int, width: int, latent_frames: int, patch_t: Optional[int],
+                  generator: torch.Generator, device, dtype) -> torch.Tensor:
+    """I2V: the first frame encoded (a sample of the VAE posterior, drawn from `generator`), scaled, then
+    zero latent frames after it; for 1.5 (time patch) the first frames repeated to fill the patch."""
+    if isinstance(image, str):
+        if not os.path.isfile(image):
+            raise ConfigError(f"--image {image} does not exist")
+        from PIL import Image
+
+        image = Image.open(image).convert("RGB")
+    pixels = processor(vae).preprocess(image, height=height, width=width).to(device, dtype=dtype)
+    with torch.no_grad():
+        enc = [vae.encode(img.unsqueeze(0)).latent_dist.sample(generator) for img in pixels.unsqueeze(2)]
+    lat = torch.cat(enc).to(dtype).permute(0, 2, 1, 3, 4)  # [B, F, C, H, W]
+    scale = vae.config.scaling_factor
+    lat = lat / scale if vae.config.invert_scale_latents else lat * scale
+    pad = torch.zeros((lat.shape[0], latent_frames - 1, *lat.shape[2:]), device=device, dtype=dtype)
+    lat = torch.cat([lat, pad], dim=1)
+    if patch_t is not None:
+        lat = torch.cat([lat[:, : lat.shape[1] % patch_t], lat], dim=1)
+    return lat
+
+
+def decode(vae: nn.Module, latents: torch.Tensor) -> np.ndarray:
+    """[B, T, C, H, W] latents -> [B, F, H, W, 3] float frames in [0, 1] (the pipelines' output_type="np")."""
+    z = latents.permute(0, 2, 1, 3, 4) / vae.config.scaling_factor
+    with torch.no_grad():
+        video = vae.decode(z.to(vae.dtype)).sample
+    return processor(vae).postprocess_video(video=video, output_type="np")
+
+
+def write_mp4(frames: np.ndarray, path: str, fps: int) -> str:
+    """[F, H, W, 3] frames in [0, 1] -> an H.264 mp4 at `fps` (imageio-ffmpeg ships its ffmpeg binary)."""
+    try:
+        import imageio
+    except ImportError as exc:
+        raise ConfigError("writing mp4 needs imageio and imageio-ffmpeg (pip install imageio imageio-ffmpeg)") from exc
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    data = (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
+    with imageio.get_writer(path, fps=fps, codec="libx264", quality=8, macro_block_size=1) as writer:
+        for frame in data:
+            writer.append_data(frame)
+    return path

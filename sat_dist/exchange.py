@@ -1,0 +1,101 @@
+"""Each byte read from storage once per job: the ranks that need the same tensor bytes split the
+reading and broadcast what they read (`load.exchange: auto|off`).
+
+`plan.assign_exchange` decides (pure) who reads what from every rank's target signatures, which
+one small object all-gather collects here. After `materialize` has read this rank's share, `run`
+broadcasts each shared tensor from its owner: DP replicas over their DP group, tensors that every
+rank reads from the same file (replicated tensors of an mp=1 checkpoint) over the world. Tensors
+below `BUCKET_BYTES` travel packed, one broadcast per owner. A peer that dies or stalls fails the
+broadcast within the process-group timeout; that failure is raised as the same kind of
+GroupLoadError as the agreement's, naming the phase.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from . import collectives as C
+from .errors import GroupLoadError
+from .plan import Exchange, ReadPlan, assign_exchange, target_signatures
+from .runtime import Runtime
+
+MODES = ("auto", "off")
+BUCKET_BYTES = 4 << 20  # tensors smaller than this are packed per owner into one broadcast
+
+
+def plan_exchange(rt: Runtime, plan: ReadPlan, mode: str = "auto") -> Exchange:
+    """This rank's share of the reading. `auto`: exchange whenever some tensor is needed by more
+    than one rank (it then moves fewer bytes from storage); `off`: every rank reads all it needs."""
+    if mode == "off" or rt.world_size == 1:
+        return assign_exchange(plan, [{}], 0, rt.tp, enabled=False)
+    tables = _gather(rt, target_signatures(plan))
+    return assign_exchange(plan, tables, rt.rank, rt.tp)
+
+
+def run(rt: Runtime, ex: Exchange, tensors: Mapping[str, torch.Tensor], timeout_s: float) -> int:
+    """Broadcast every shared tensor from its owner; returns the bytes this rank received."""
+    received = 0
+    try:
+        for items, group in ((ex.dp, rt.dp_group), (ex.world, None)):
+            works = []
+            for payload, src, unpack in _messages(items, tensors, rt.rank):
+                works.append((C.broadcast_async(payload, src, group), unpack))
+                if src != rt.rank:
+                    received += payload.numel() * payload.element_size()
+            for work, unpack in works:
+                C.wait(work)
+                unpack()
+    except Exception as exc:
+        raise GroupLoadError(
+            f"sat_dist: rank {rt.rank} could not reach its peers during 'exchange' (a rank died, or did not "
+            f"answer within the {timeout_s:.0f}s timeout): {type(exc).__name__}: {exc}",
+            {rt.rank: f"{type(exc).__name__}: {exc}"},
+        ) from exc
+    return received
+
+
+def _messages(items: list[tuple[str, int]], tensors: Mapping[str, torch.Tensor], rank: int):
+    """(tensor to broadcast, owner, what to do once it arrived): large tensors in place, the small
+    ones of each owner packed into one uint8 bucket (owners pack, receivers unpack)."""
+    buckets: dict[int, list[str]] = {}
+    for name, owner in items:
+        t = tensors[name]
+        if t.numel() * t.element_size() >= BUCKET_BYTES:
+            yield t, owner, _nothing
+        else:
+            buckets.setdefault(owner, []).append(name)
+    for owner, names in sorted(buckets.items()):
+        flat = [_bytes_of(tensors[n]) for n in names]
+        if owner == rank:
+            yield torch.cat(flat), owner, _nothing
+        else:
+            bucket = torch.empty(sum(f.numel() for f in flat), dtype=torch.uint8, device=flat[0].device)
+            yield bucket, owner, _unpacker(bucket, flat)
+
+
+def _bytes_of(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8)  # targets are freshly allocated: contiguous views
+
+
+def _unpacker(bucket: torch.Tensor, flat: list[torch.Tensor]):
+    def unpack() -> None:
+        pos = 0
+        for f in flat:
+            f.copy_(bucket[pos: pos + f.numel()])
+            pos += f.numel()
+    return unpack
+
+
+def _nothing() -> None:
+    return None
+
+
+def _gather(rt: Runtime, sigs: dict[str, str]) -> list[dict[str, str]]:
+    try:
+        return C.all_gather_objects(sigs)
+    except Exception as exc:
+        raise GroupLoadError(
+            f"sat_dist: rank {rt.rank} could not reach its peers during 'exchange' (a rank died, or did not "
+            f"answer within the timeout): {type(exc).__name__}: {exc}", {rt.rank: f"{type(exc).__name__}: {exc}"},
+        ) from exc

@@ -1,0 +1,128 @@
+"""Each byte read from storage once per job (issue 14): the exchange and the reader threads give
+every rank the same tensors (same digests) as independent reads, and the bytes each rank reads
+from storage and receives from its peers are counted exactly:
+
+* TP2 x DP2 from an mp=1 file: the whole job reads each stored byte once (sum of bytes_read ==
+  the file's tensor bytes); what a rank does not read it receives (read + received == needed);
+* from mp=2 files, each file's copy of a replicated tensor is read once (the agreement still
+  compares the files' copies);
+* a peer dying during the exchange fails the group within the timeout;
+* the SHA-256 digest is null unless asked for.
+"""
+import os
+import time
+
+import pytest
+import torch
+
+import sat_dist
+from sat_dist import exchange
+from sat_dist.plan import ReadPlan, Target, assign_exchange
+from sat_dist.report import state_dict_digest
+from sat_dist.testing.dist import run_ranks, values
+from sat_rules import CONFIGS, full_state_dict, sat_split, write_sat_checkpoint
+
+PLAIN = CONFIGS["plain"]
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    full = full_state_dict(PLAIN, seed=3)
+    roots = {}
+    for n in (1, 2):
+        roots[n] = str(tmp_path_factory.mktemp(f"xchg_n{n}"))
+        write_sat_checkpoint(roots[n], PLAIN, full, n)
+    return full, roots
+
+
+def _load(rank, path, tp, mode="auto", readers=4, digest=True):
+    model, rep = sat_dist.load_model(path, tp=tp, return_report=True, digest=digest, exchange=mode,
+                                     overrides=[f"load.readers={readers}"])
+    return {k: v.clone() for k, v in model.state_dict().items()}, rep.ranks[rank]
+
+
+def _stored_tensor_bytes(root):
+    """Tensor bytes held by the checkpoint's files (each mp file's copy of a replicated tensor counts)."""
+    total = 0
+    for f in sorted(os.listdir(os.path.join(root, "1000"))):
+        sd = torch.load(os.path.join(root, "1000", f), weights_only=True)["module"]
+        total += sum(t.numel() * t.element_size() for t in sd.values())
+    return total
+
+
+@pytest.mark.parametrize("n,tp,world", [(1, 2, 4), (2, 2, 4), (1, 1, 2), (2, 1, 2), (1, 4, 4), (2, 4, 4)])
+def test_exchange_gives_every_rank_its_sat_split(ckpts, n, tp, world):
+    full, roots = ckpts
+    auto = values(run_ranks(world, _load, roots[n], tp))
+    off = values(run_ranks(world, _load, roots[n], tp, "off", 1))
+    for rank, ((state, rep), (_, rep_off)) in enumerate(zip(auto, off)):
+        want = {k: sat_split(k, v, tp, rank % tp, PLAIN) for k, v in full.items()}
+        assert all(torch.equal(state[k], want[k]) for k in want), (n, tp, world, rank)
+        assert rep.digest == rep_off.digest == state_dict_digest(want)
+        assert rep_off.bytes_read == rep_off.bytes_needed and rep_off.bytes_received == 0
+        assert rep.bytes_read + rep.bytes_received == rep.bytes_needed  # fp32 stored and loaded
+    if n in (1, tp):  # every stored byte is needed: each is read once
+        assert sum(r.bytes_read for _, r in auto) == _stored_tensor_bytes(roots[n])
+    else:  # replicated copies only partly needed: one DP replica's reads, no more
+        assert sum(r.bytes_read for _, r in auto) == sum(r.bytes_read for _, r in off if r.dp_rank == 0)
+
+
+def test_tp2_dp2_job_reads_each_stored_byte_once(ckpts):
+    _, roots = ckpts
+    reps = [r for _, r in values(run_ranks(4, _load, roots[1], 2))]
+    stored = _stored_tensor_bytes(roots[1])
+    assert sum(r.bytes_read for r in reps) == stored
+    needed_by_one_replica = sum(r.bytes_needed for r in reps if r.dp_rank == 0)
+    assert sum(r.bytes_received for r in reps) == sum(r.bytes_needed for r in reps) - stored
+    assert needed_by_one_replica >= stored  # the replicated tensors count once per TP rank there
+    assert max(r.bytes_read for r in reps) <= 0.5 * stored  # the reading is shared
+
+
+def test_digest_null_unless_asked(ckpts, tmp_path):
+    _, roots = ckpts
+    (_, rep), = values(run_ranks(1, _load, roots[1], 1, "auto", 4, None))
+    assert rep.digest is None and rep.bytes_received == 0
+
+
+def _die_in_exchange(rank, path):
+    if rank == 1:
+        def die(*a, **k):
+            os._exit(3)
+        exchange.C.broadcast_async = die
+    t = time.monotonic()
+    try:
+        sat_dist.load_model(path, tp=2, timeout_s=8)
+    except sat_dist.GroupLoadError as exc:
+        return str(exc), time.monotonic() - t
+    return "loaded", time.monotonic() - t
+
+
+def test_peer_death_during_exchange_fails_the_group_within_timeout(ckpts):
+    _, roots = ckpts
+    results = run_ranks(2, _die_in_exchange, roots[1], timeout=60)
+    assert results[1].error_type == "Died"
+    msg, seconds = results[0].value
+    assert "could not reach its peers" in msg and "'exchange'" in msg, msg
+    assert seconds < 8 + 10
+
+
+def _plan(sizes):
+    return ReadPlan({n: Target(n, (s,), torch.uint8, torch.uint8) for n, s in sizes.items()})
+
+
+def test_assignment_classes_and_balance():
+    """Same signature everywhere: read once per job; same within the DP group: once per DP group;
+    else read by each rank. Owners take contiguous runs of about equal bytes."""
+    plan = _plan({"rep": 100, "a": 10, "b": 10, "c": 10, "d": 10, "mine": 5})
+    # world 4 = tp 2 x dp 2: ranks 0, 2 are TP rank 0; 1, 3 are TP rank 1
+    tables = [{"rep": "R", "a": "A0", "b": "B0", "c": "C0", "d": "D0", "mine": f"m{r}"} for r in range(4)]
+    for r in (1, 3):
+        tables[r].update(a="A1", b="B1", c="C1", d="D1")
+    shares = [assign_exchange(plan, tables, r, 2) for r in range(4)]
+    assert all(n == "rep" for s in shares for n, _ in s.world) and {o for s in shares for _, o in s.world} == {2}
+    assert [o for _, o in shares[0].dp] == [0, 0, 2, 2] and [o for _, o in shares[3].dp] == [1, 1, 3, 3]
+    assert all("mine" in s.read for s in shares)
+    assert shares[0].read == {"a", "b", "mine"} and shares[2].read == {"c", "d", "mine", "rep"}
+    assert shares[0].received(0) == ["c", "d", "rep"] and shares[2].received(2) == ["a", "b"]
+    off = assign_exchange(plan, tables, 0, 2, enabled=False)
+    assert off.read == set(plan.targets) and not off.dp and not off.world
