@@ -7,7 +7,7 @@ STAMP    := $(VENV)/.installed
 # deepspeed's ops are JIT-only here; torch is pinned in the same command so no CUDA wheel is pulled.
 REQS     := requirements.txt requirements-test.txt
 
-.PHONY: venv demo test clean sat-ref-venv
+.PHONY: venv demo test bench clean sat-ref-venv
 venv: $(STAMP)
 
 $(STAMP): setup.py Makefile $(REQS)
@@ -18,6 +18,18 @@ $(STAMP): setup.py Makefile $(REQS)
 
 demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node=4 -m sat_dist demo --tp 2
+
+# bench : `sat-dist bench` on a generated ~1.2 GiB checkpoint (and a .safetensors file of the same
+# tensors), 4 ranks at TP=4: sat_dist beside the storage limit, SAT-style, mmap, safetensors,
+# fastsafetensors and the Run:ai streamer. BENCH_ARGS: e.g. --cold --repeat 5. Results in .cache/bench/.
+BENCH_DIR  ?= /tmp/sat_dist_bench
+BENCH_ARGS ?= --repeat 3
+bench: $(STAMP)
+	mkdir -p .cache/bench
+	$(VENV)/bin/python bench/make_checkpoint.py --dir $(BENCH_DIR) > .cache/bench/paths
+	$(VENV)/bin/sat-dist bench $$(sed -n 1p .cache/bench/paths) --world 4 --tp 4 $(BENCH_ARGS) --json .cache/bench/sat.json
+	$(VENV)/bin/sat-dist bench $$(sed -n 2p .cache/bench/paths) --world 4 --tp 4 $(BENCH_ARGS) --json .cache/bench/safetensors.json
+	$(VENV)/bin/sat-dist bench $$(sed -n 1p .cache/bench/paths) --world 4 --tp 2 --methods limit sat_dist $(BENCH_ARGS) --json .cache/bench/tp2dp2.json
 
 # lint-imports: the dependency contracts in .importlinter (layers point one way, no cycles).
 test: $(STAMP)

@@ -74,23 +74,28 @@ def capacity_plan(config_files: Sequence[str], tps: Sequence[int], dtype: Option
     if latent is not None and (len(latent) != 3 or min(latent) < 1):
         raise ConfigError(f"--latent takes three positive sizes T H W, got {list(latent)}")
     cfg = resolve(None, list(config_files), list(overrides), dtype=dtype)
-    dt = cfg.torch_dtype or torch.float32
+    return plan_model(cfg.model, tps, cfg.torch_dtype or torch.float32, batch, latent)
+
+
+def plan_model(model_cfg, tps: Sequence[int], dt: torch.dtype, batch: int = 2,
+               latent: Optional[Latent] = None) -> CapacityPlan:
+    """`capacity_plan` for one model config (also each component of `plan --engine`)."""
     name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dt]
     itemsize = dt.itemsize
-    model = build_meta_model(cfg.model, TPInfo(1, 0, None))  # meta: shapes only, nothing allocated
+    model = build_meta_model(model_cfg, TPInfo(1, 0, None))  # meta: shapes only, nothing allocated
     specs = collect_specs(model)
     total_params = sum(math.prod(s.global_shape) for s in specs.values())
-    plan = CapacityPlan(cfg.model.model_class, name, total_params, total_params * itemsize, None)
-    activation = family_for(cfg.model.model_class).activation
+    plan = CapacityPlan(model_cfg.model_class, name, total_params, total_params * itemsize, None)
+    activation = family_for(model_cfg.model_class).activation
     if latent is not None and activation is None:
-        raise ConfigError(f"--latent applies to the CogVideoX DiT only, not {cfg.model.model_class}")
+        raise ConfigError(f"--latent applies to the CogVideoX DiT only, not {model_cfg.model_class}")
     if activation is not None and latent is None:
-        unsized = activation(cfg.model, 1, itemsize, batch, None)
+        unsized = activation(model_cfg, 1, itemsize, batch, None)
         if unsized.bytes is None:  # the config alone cannot say: the note says what to pass, valid TP or not
             plan.activation_note = unsized.note
     for tp in tps:
         try:
-            cfg.model.check_tp(tp)
+            model_cfg.check_tp(tp)
         except ConfigError as exc:
             plan.rows.append(TPRow(tp, False, str(exc)))
             continue
@@ -105,7 +110,7 @@ def capacity_plan(config_files: Sequence[str], tps: Sequence[int], dtype: Option
                     split += n
             if best is None or split + rep > best.param_bytes:
                 best = TPRow(tp, True, None, split + rep, split, rep)
-        est = None if activation is None else activation(cfg.model, tp, itemsize, batch, latent)
+        est = None if activation is None else activation(model_cfg, tp, itemsize, batch, latent)
         if est is not None and est.bytes is not None:
             best.activation_bytes, plan.activation_note = est.bytes, est.note
             best.device_bytes = best.param_bytes + best.activation_bytes
@@ -113,3 +118,69 @@ def capacity_plan(config_files: Sequence[str], tps: Sequence[int], dtype: Option
     del model
     return plan
 
+
+
+# --- `plan --engine`: the whole CogVideoX engine (DiT + T5 at TP, VAE replicated) -------------------
+
+PUBLISHED = "CogVideo's single-GPU SAT inference (published): 2B fp16 18 GB, 5B bf16 26 GB, 1.5-5B bf16 76 GB"
+
+
+@dataclass
+class EnginePlan:
+    """Per TP size: each component's per-rank weights, the phases' activation estimates (encode, denoise,
+    decode run one after another, so the peak is the largest), and their sum per rank."""
+
+    dtype: str
+    components: dict  # name -> CapacityPlan
+    rows: list = field(default_factory=list)  # dicts: tp, valid, reason, weights, activations, device_bytes
+
+    def to_dict(self) -> dict:
+        return {"dtype": self.dtype, "components": {n: p.to_dict() for n, p in self.components.items()},
+                "rows": self.rows, "published": PUBLISHED}
+
+    def table(self) -> str:
+        parts = ", ".join(f"{n} {p.total_params / 1e9:.2f} B" for n, p in self.components.items())
+        lines = [f"CogVideoX engine in {self.dtype}: {parts} parameters",
+                 f"{'TP':>3}  {'DiT/rank':>9}  {'T5/rank':>8}  {'VAE/rank':>8}  {'weights':>8}  "
+                 f"{'act encode|denoise|decode':>25}  {'est. device/rank':>16}"]
+        for r in self.rows:
+            if not r["valid"]:
+                lines.append(f"{r['tp']:>3}  invalid: {r['reason']}")
+                continue
+            w, a = r["weights"], r["activations"]
+            acts = "|".join("n/a" if a[k] is None else f"{a[k] / GIB:.2f}" for k in ("encode", "denoise", "decode"))
+            dev = "n/a" if r["device_bytes"] is None else f"{r['device_bytes'] / GIB:.2f} GiB"
+            lines.append(f"{r['tp']:>3}  {w['transformer'] / GIB:>5.2f} GiB  {w['text_encoder'] / GIB:>4.2f} GiB  "
+                         f"{w['vae'] / GIB:>4.2f} GiB  {sum(w.values()) / GIB:>4.2f} GiB  {acts + ' GiB':>25}  {dev:>16}")
+        notes = {n: p.activation_note for n, p in self.components.items() if p.activation_note}
+        lines += [f"{n}: {note}" for n, note in notes.items()]
+        lines.append("est. device = all weights + the largest phase's activations; excludes the CUDA context and "
+                     "allocator slack. " + PUBLISHED)
+        return "\n".join(lines)
+
+
+def engine_plan(config_files: Sequence[str], tps: Sequence[int], dtype: Optional[str] = None,
+                overrides: Sequence[str] = (), batch: int = 2, latent: Optional[Latent] = None) -> EnginePlan:
+    """`sat-dist plan --engine`: per-rank weights and activations of DiT, T5 and VAE at each TP size
+    (engine/capacity.py says where each component's config comes from)."""
+    from .engine.capacity import engine_configs, sample_latent, t5_activation
+
+    dit, t5, vae, length = engine_configs(config_files, overrides, dtype)
+    dt = dit.torch_dtype or torch.float32
+    vae_latent = sample_latent(dit.model, latent)
+    plans = {"transformer": plan_model(dit.model, tps, dt, batch, latent), "text_encoder": plan_model(t5, tps, dt),
+             "vae": plan_model(vae, tps, dt, 1, vae_latent)}
+    out = EnginePlan(plans["transformer"].dtype, plans)
+    for i, tp in enumerate(tps):
+        rows = {n: p.rows[i] for n, p in plans.items()}
+        bad = [f"{n}: {r.reason}" for n, r in rows.items() if not r.valid]
+        if bad:
+            out.rows.append({"tp": tp, "valid": False, "reason": "; ".join(bad)})
+            continue
+        acts = {"encode": t5_activation(t5, tp, dt.itemsize, length), "denoise": rows["transformer"].activation_bytes,
+                "decode": rows["vae"].activation_bytes}
+        weights = {n: r.param_bytes for n, r in rows.items()}
+        known = None if None in acts.values() else sum(weights.values()) + max(acts.values())
+        out.rows.append({"tp": tp, "valid": True, "reason": None, "weights": weights, "activations": acts,
+                         "device_bytes": known})
+    return out

@@ -1,4 +1,4 @@
-"""`sat-dist` / `python -m sat_dist`: load, inspect, plan, demo, env, convert.
+"""`sat-dist` / `python -m sat_dist`: load, inspect, plan, demo, env, convert, sample.
 
 Every rank runs the same command. On success rank 0 prints the per-rank table; on failure every
 rank prints the same agreed error to stderr and exits 1.
@@ -59,8 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help="CogVideoX sample size after the VAE (latent frames, height, width) for the activation "
                            "estimate; required for 1.5 (e.g. 22 96 170 for 81 frames at 768x1360)")
     plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    plan.add_argument("--engine", action="store_true",
+                      help="CogVideoX: the whole engine per rank (DiT and T5 at TP, the VAE replicated)")
     plan.set_defaults(overrides=[])
     _add_convert_parser(sub)
+    from .engine.command import add_arguments as add_sample_arguments
+
+    sample = sub.add_parser("sample", help="CogVideoX: load DiT + T5 + VAE across the group, sample, write mp4s")
+    add_sample_arguments(sample)
+    sample.set_defaults(overrides=[])
+    from .bench import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
@@ -98,9 +108,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .capacity import capacity_plan
+    from .capacity import capacity_plan, engine_plan
 
-    result = capacity_plan(args.config, args.tp, args.dtype, args.overrides, args.batch,
+    result = (engine_plan if args.engine else capacity_plan)(args.config, args.tp, args.dtype, args.overrides, args.batch,
                            tuple(args.latent) if args.latent else None)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.table(), flush=True)
     return 0
@@ -205,6 +215,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_demo(args)
         if args.command == "convert":
             return cmd_convert(args)
+        if args.command == "bench":
+            from .bench import cmd_bench
+
+            return cmd_bench(args)
+        if args.command == "sample":
+            from .engine.command import run as cmd_sample
+
+            return cmd_sample(args)
         return cmd_load(args, args.checkpoint)
     except SatDistError as exc:
         print(f"[rank {_rank_for_messages()}] {exc}", file=sys.stderr, flush=True)

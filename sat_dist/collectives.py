@@ -3,7 +3,8 @@
 Keeping them in one module makes the communication pattern auditable: a load creates (or joins)
 the default group, the TP groups and the DP groups, then does two object all-gathers (plan agreement,
 final agreement), plus, when ranks share bytes, the exchange's signature all-gather and broadcasts.
-The TP forward collectives live with the models (`models/tp_ops.py`).
+The TP forward collectives live with the models (`models/tp_ops.py`). The video engine adds its CFG
+pairs (two DP replicas) and their one all-gather per denoising step (`cfg_pair_group`, `all_gather_pair`).
 """
 from __future__ import annotations
 
@@ -112,6 +113,8 @@ def cfg_pair_group(rt: Runtime, timeout_s: float = 300.0):
     dp, tp = rt.mesh.dp, rt.mesh.tp
     if dp < 2:
         return None
+    if dp == 2 and getattr(rt, "dp_group", None) is not None:  # the pair is the DP group setup() made
+        return rt.dp_group
     mine, timeout = None, datetime.timedelta(seconds=timeout_s)
     for k in range(dp // 2):
         for t in range(tp):

@@ -154,6 +154,8 @@ def resolve(
     parse_dtype(cfg.dtype)
     if cfg.weights not in ("auto", "module", "fp32"):
         raise ConfigError(f"--weights must be auto, module or fp32, got {cfg.weights!r}")
+    if isinstance(cfg.exchange, bool):  # YAML reads a bare `off` / `on` as a boolean
+        cfg.exchange = "auto" if cfg.exchange else "off"
     if cfg.exchange not in ("auto", "off"):
         raise ConfigError(f"--exchange must be auto or off, got {cfg.exchange!r}")
     if cfg.readers < 1:

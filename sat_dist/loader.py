@@ -166,7 +166,10 @@ def _load_component(rt: Runtime, cfg: LoadConfig, model: nn.Module, specs: dict,
     finalize(model)
     sd = model.state_dict()
     replicated = [n for n, s in specs.items() if s.layout.replicated]
-    fps = fingerprints(sd, {"replicated": replicated, "shard": sd})
+    # The agreement compares replicated tensors across all ranks and shards across DP replicas
+    # (none when dp == 1); the exchange's broadcasts are equal by construction (their signatures stand in).
+    fps = fingerprints(sd, {"replicated": replicated, "shard": sd if rt.mesh.dp > 1 else ()},
+                       {"replicated": share.shared(world_only=True), "shard": share.shared()})
     want_digest = cfg.digest if cfg.digest is not None else bool(cfg.report)
     rep = RankReport(
         rank=rt.rank, local_rank=rt.launch.local_rank, host=rt.host, tp_rank=rt.tp_rank,

@@ -127,8 +127,8 @@ def materialize(plan: ReadPlan, device: torch.device, read: Optional[Collection[
     ops = [op for op in plan.ops if read is None or op.name in read]
     dsts = [tensors[op.name][_slices(op)] if op.dst.sizes else tensors[op.name] for op in ops]
     direct = [d.device.type == "cpu" and d.dtype == op.src_dtype and d.is_contiguous() for op, d in zip(ops, dsts)]
-    largest = max((op.nbytes for op, dr in zip(ops, direct) if not dr), default=0)
-    free = deque(_Slot(largest, device) for _ in range(staging_slots(readers) if largest else 0))
+    staged = [op.nbytes for op, dr in zip(ops, direct) if not dr]
+    free = deque(_Slot(max(staged), device) for _ in range(staging_slots(readers) if staged else 0))
     pending: deque[tuple[CopyOp, Future, torch.Tensor, Optional[_Slot]]] = deque()
 
     def finish() -> None:

@@ -239,19 +239,25 @@ class Exchange:
     read: set[str]
     dp: list[tuple[str, int]] = field(default_factory=list)
     world: list[tuple[str, int]] = field(default_factory=list)
+    signatures: dict[str, str] = field(default_factory=dict)  # this rank's target_signatures, when exchanging
+
+    def shared(self, world_only: bool = False) -> dict[str, str]:
+        """name -> signature of the targets broadcast from one read: equal bytes on every rank of
+        their group (the world's, or with `world_only=False` also the DP group's)."""
+        return {n: self.signatures[n] for n, _ in (self.world if world_only else self.dp + self.world)}
 
     def received(self, rank: int) -> list[str]:
         return [n for n, owner in self.dp + self.world if owner != rank]
 
 
-def _balanced_owners(names: Sequence[str], sizes: Mapping[str, int], parts: int) -> list[int]:
-    """Cut `names` (in read order) into `parts` contiguous runs of about equal bytes: each owner
-    then reads one sequential region."""
-    total = sum(sizes[n] for n in names) or 1
-    out, done = [], 0
-    for n in names:
-        out.append(min(parts - 1, (2 * done + sizes[n]) * parts // (2 * total)))
-        done += sizes[n]
+def _balanced_owners(names: Sequence[str], sizes: Mapping[str, int], loads: list[int]) -> list[int]:
+    """Owner index per name: largest first, each to the least loaded owner so far (`loads`, updated;
+    ties to the lower index). Each owner still reads its tensors in file order."""
+    out = [0] * len(names)
+    for i in sorted(range(len(names)), key=lambda i: (-sizes[names[i]], i)):
+        owner = min(range(len(loads)), key=lambda o: (loads[o], o))
+        out[i] = owner
+        loads[owner] += sizes[names[i]]
     return out
 
 
@@ -267,8 +273,9 @@ def assign_exchange(plan: ReadPlan, tables: Sequence[Mapping[str, str]], rank: i
     * else (replicated tensors read from different mp files, which the agreement compares) it is
       read here.
 
-    Owners are balanced by bytes over contiguous runs in file order. Every rank computes the same
-    answer from the same tables; `enabled=False` reads everything locally."""
+    Owners are balanced by bytes (largest tensor first to the least loaded rank: the world's
+    tensors first, then each DP group's on top of them). Every rank computes the same answer from
+    the same tables; `enabled=False` reads everything locally."""
     world, mine = len(tables), tables[rank]
     order = sorted(plan.targets, key=_first_op_key(plan))
     if not enabled or world == 1:
@@ -284,11 +291,13 @@ def assign_exchange(plan: ReadPlan, tables: Sequence[Mapping[str, str]], rank: i
         else:
             local.append(n)
     sizes = {n: math.prod(t.shape) * t.dtype.itemsize for n, t in plan.targets.items()}
-    ex = Exchange(read=set(local))
-    for n, o in zip(dp_cls, _balanced_owners(dp_cls, sizes, len(dp_ranks))):
-        ex.dp.append((n, dp_ranks[o]))
-    for n, o in zip(world_cls, _balanced_owners(world_cls, sizes, world)):
+    ex = Exchange(read=set(local), signatures=dict(mine))
+    loads = [0] * world
+    for n, o in zip(world_cls, _balanced_owners(world_cls, sizes, loads)):
         ex.world.append((n, o))
+    dp_loads = [loads[r] for r in dp_ranks]
+    for n, o in zip(dp_cls, _balanced_owners(dp_cls, sizes, dp_loads)):
+        ex.dp.append((n, dp_ranks[o]))
     ex.read |= {n for n, owner in ex.dp + ex.world if owner == rank}
     return ex
 

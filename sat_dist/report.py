@@ -3,8 +3,10 @@ and the cheap fingerprints the group agreement compares.
 
 The digest (SHA-256) is defined independently of sat_dist's internals so anyone can compare a load
 with another loader, TP size or launcher without trusting this code. It costs about as much as the
-load itself, so it is computed only when asked (a report file, `--digest`); on CUDA it is taken from
-the host bytes as they pass through staging (materialize), never from a copy back to the host.
+load itself, so it is computed only when asked (a report file, `--digest`). Host tensors are hashed in
+place; on CUDA, asking for it copies each tensor back to the host once (the definition hashes the
+tensors in sorted-name order, which the reads, in file order, and the exchange's GPU-to-GPU
+broadcasts do not follow). The default path never copies a weight back and never hashes.
 
 The fingerprint is what the agreement compares on every load: per tensor, the wrapping int64 sum
 of its 8-byte words and the sum of its 64 KiB block sums weighted by odd numbers, computed where
@@ -39,8 +41,7 @@ def host_bytes(t: torch.Tensor) -> memoryview:
 
 def state_dict_digest(sd: Mapping[str, torch.Tensor]) -> str:
     """SHA-256 over sorted (name, shape, dtype, raw bytes) of `sd`: the load report's digest.
-    Host tensors are hashed in place; a device tensor is copied to the host (the loader never
-    calls this for device tensors: materialize hashes their host bytes as they pass)."""
+    Host tensors are hashed in place; a device tensor is copied to the host first."""
     h = hashlib.sha256()
     for name in sorted(sd):
         t = sd[name].detach()
@@ -64,21 +65,34 @@ def _tensor_fingerprint(t: torch.Tensor) -> torch.Tensor:
     return torch.stack([sums.sum() + tail, (sums * weights).sum() + tail * (2 * nb + 1)])
 
 
-def fingerprints(sd: Mapping[str, torch.Tensor], subsets: Mapping[str, Iterable[str]]) -> dict[str, str]:
+def fingerprints(sd: Mapping[str, torch.Tensor], subsets: Mapping[str, Iterable[str]],
+                 stand_ins: Mapping[str, Mapping[str, str]] = {}) -> dict[str, str]:
     """One fingerprint (hex) per named subset of `sd` (sorted names, shapes, dtypes and each
-    tensor's word sums; see the module docstring). One pass, one device sync."""
-    names = sorted(sd)
-    if not names:
-        return {k: "" for k in subsets}
-    pairs = torch.stack([_tensor_fingerprint(sd[n]) for n in names]).cpu().tolist()
-    per = {n: f"{n}|{list(sd[n].shape)}|{sd[n].dtype}|{a}|{b}" for n, (a, b) in zip(names, pairs)}
+    tensor's word sums; see the module docstring). One pass over the tensors of the subsets, one
+    device sync. `stand_ins[subset][name]` replaces the sums of a tensor whose bytes are equal on
+    the ranks that compare that subset by construction (the exchange broadcast them to exactly
+    those ranks from one read): its source signature."""
+    subsets = {k: sorted(set(v)) for k, v in subsets.items()}
+    names = sorted({n for k, v in subsets.items() for n in v if n not in stand_ins.get(k, {})})
+    pairs = torch.stack([_tensor_fingerprint(sd[n]) for n in names]).cpu().tolist() if names else []
+    sums = dict(zip(names, pairs))
     out = {}
     for key, subset in subsets.items():
         h = hashlib.blake2b(digest_size=16)
-        for n in sorted(set(subset)):
-            h.update(per[n].encode())
+        alt = stand_ins.get(key, {})
+        for n in subset:
+            h.update(f"{n}|{list(sd[n].shape)}|{sd[n].dtype}|{alt[n] if n in alt else sums[n]}".encode())
         out[key] = h.hexdigest()
     return out
+
+
+def write_json(path: str, obj) -> None:
+    """Write `obj` as indented JSON, atomically (a reader never sees half a report)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
 
 
 def peak_rss_bytes() -> int:
@@ -143,11 +157,7 @@ class LoadReport:
         return d
 
     def write(self, path: str) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-        os.replace(tmp, path)
+        write_json(path, self.to_dict())
 
     def table(self) -> str:
         def mib(n: int) -> str:

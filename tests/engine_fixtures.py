@@ -40,6 +40,17 @@ T5_KWARGS = dict(vocab_size=64, d_model=24, d_kv=6, d_ff=48, num_layers=2, num_h
                  is_encoder_decoder=False, use_cache=False)
 
 
+def _quiet() -> None:
+    """diffusers' and transformers' progress bars and warnings (truncated prompts, no accelerate) off."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def _randomize(module: torch.nn.Module, g: torch.Generator, scale: float) -> torch.nn.Module:
     """Every weight random (norms near 1), so no path is zero-initialised away."""
     with torch.no_grad():
@@ -59,8 +70,9 @@ def write_tokenizer(folder: str) -> None:
     spm.SentencePieceTrainer.train(sentence_iterator=iter(SENTENCES * 10), model_writer=model, vocab_size=40,
                                    model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
                                    hard_vocab_limit=False, minloglevel=2)
-    for name in os.listdir(folder):
-        os.remove(os.path.join(folder, name))
+    for name in os.listdir(folder):  # a save_pretrained's tokenizer files (tokenizer.json): not released
+        if name.startswith(("tokenizer", "special_tokens", "added_tokens", "spiece")):
+            os.remove(os.path.join(folder, name))
     with open(os.path.join(folder, "spiece.model"), "wb") as f:
         f.write(model.getvalue())
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
@@ -74,6 +86,7 @@ def write_pipeline(root: str, kind: str, seed: int = 0, scheduler: str | None = 
                            CogVideoXImageToVideoPipeline, CogVideoXPipeline, CogVideoXTransformer3DModel)
     from transformers import AutoTokenizer, T5Config, T5EncoderModel
 
+    _quiet()
     g = torch.Generator().manual_seed(seed)
     os.makedirs(root, exist_ok=True)
     write_tokenizer(os.path.join(root, "tokenizer"))
@@ -109,6 +122,7 @@ def run_pipeline(root: str, kind: str, prompt: str, steps: int, seed: int, guida
     The VAE decodes with tiling on, with the engine's tile sizes (`tiling`)."""
     from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline
 
+    _quiet()
     cls = CogVideoXImageToVideoPipeline if kind.endswith("i2v") else CogVideoXPipeline
     pipe = cls.from_pretrained(root)
     pipe.set_progress_bar_config(disable=True)
@@ -127,3 +141,85 @@ def run_pipeline(root: str, kind: str, prompt: str, steps: int, seed: int, guida
                generator=torch.Generator().manual_seed(seed), output_type="np", callback_on_step_end=keep,
                max_sequence_length=TEXT_LEN, num_frames=frames_n, height=height, width=width, **extra)
     return lat, out.frames[0]
+
+
+# --- the SAT release layout (CogVideo's YAMLs, transformer/ mp files, t5-v1_1-xxl/, vae/3d-vae.pt) ----------
+
+SAT_VAE = dict(ch=32, ch_mult=[1, 1, 2], z_channels=4, num_res_blocks=1)  # GroupNorm(32): SAT's fixed groups
+
+
+def sat_vae_names(diffusers_sd: dict, up_blocks: int) -> dict:
+    """diffusers AutoencoderKLCogVideoX names -> CogVideo's (sat/vae_modules/cp_enc_dec.py), the
+    inverse of diffusers' scripts/convert_cogvideox_to_diffusers.py `convert_vae`, written here."""
+    out = {}
+    for name, t in diffusers_sd.items():
+        n = name.replace("mid_block.resnets.0", "mid.block_1").replace("mid_block.resnets.1", "mid.block_2")
+        n = n.replace("resnets.", "block.").replace("down_blocks.", "down.").replace("downsamplers.0", "downsample")
+        n = n.replace("upsamplers.0", "upsample").replace("conv_shortcut", "nin_shortcut")
+        if n.startswith("decoder.up_blocks."):
+            parts = n.split(".")
+            parts[1], parts[2] = "up", str(up_blocks - 1 - int(parts[2]))
+            n = ".".join(parts)
+        out[n] = t
+    return out
+
+
+def write_sat_release(base: str, kind: str, seed: int = 0) -> tuple[str, dict]:
+    """A tiny SAT release of `kind` ('2b' / '5b' style) under `base` and CogVideo's YAML for it.
+    Returns (yaml path, {"params", "full" (SAT DiT weights), "vae" (diffusers VAE), "t5" folder})."""
+    import yaml
+    from diffusers import AutoencoderKLCogVideoX
+    from transformers import T5Config, T5EncoderModel
+
+    from cvx_fixtures import random_weights, shape_table, tiny_params, write_shipped
+
+    params = tiny_params(kind)
+    full = random_weights(shape_table(params), seed=seed, scale=0.1)
+    for name in ("mixins.pos_embed.pos_embedding", "mixins.pos_embed.freqs_sin", "mixins.pos_embed.freqs_cos",
+                 "transformer.position_embeddings.weight"):  # as released: the DiT computes its tables
+        full.pop(name, None)
+    write_shipped(os.path.join(base, "transformer"), full)
+    g = torch.Generator().manual_seed(seed)
+    t5_dir = os.path.join(base, "t5-v1_1-xxl")
+    _randomize(T5EncoderModel(T5Config(**T5_KWARGS)), g, 0.3).save_pretrained(t5_dir)
+    write_tokenizer(t5_dir)
+    torch.manual_seed(seed)
+    blocks = [SAT_VAE["ch"] * m for m in SAT_VAE["ch_mult"]]
+    vae = AutoencoderKLCogVideoX(block_out_channels=blocks, down_block_types=("CogVideoXDownBlock3D",) * len(blocks),
+                                 up_block_types=("CogVideoXUpBlock3D",) * len(blocks), latent_channels=4,
+                                 layers_per_block=1, scaling_factor=0.7).eval()
+    os.makedirs(os.path.join(base, "vae"), exist_ok=True)
+    sd = sat_vae_names(vae.state_dict(), len(blocks))
+    sd["loss.logvar"] = torch.zeros(())  # the training loss's, ignored (ignore_keys: ['loss'])
+    torch.save({"state_dict": sd}, os.path.join(base, "vae", "3d-vae.pt"))
+    shift = 3.0 if kind == "2b" else 1.0
+    disc = {"target": "sgm.modules.diffusionmodules.discretizer.ZeroSNRDDPMDiscretization",
+            "params": {"shift_scale": shift}}
+    vae_params = {"double_z": True, "resolution": 256, "in_channels": 3, "out_ch": 3, "attn_resolutions": [],
+                  "dropout": 0.0, **SAT_VAE}
+    doc = {"model": {
+        "scale_factor": 0.7, "disable_first_stage_autocast": True, "log_keys": ["txt"],
+        "denoiser_config": {"target": "sgm.modules.diffusionmodules.denoiser.DiscreteDenoiser",
+                            "params": {"num_idx": 1000, "quantize_c_noise": False,
+                                       "scaling_config": {"target": "sgm.modules.diffusionmodules.denoiser_scaling."
+                                                                    "VideoScaling"},
+                                       "discretization_config": disc}},
+        "network_config": {"target": "dit_video_concat.DiffusionTransformer", "params": params},
+        "conditioner_config": {"target": "sgm.modules.GeneralConditioner", "params": {"emb_models": [
+            {"is_trainable": False, "input_key": "txt", "ucg_rate": 0.1,
+             "target": "sgm.modules.encoders.modules.FrozenT5Embedder",
+             "params": {"model_dir": t5_dir, "max_length": 5}}]}},
+        "first_stage_config": {"target": "vae_modules.autoencoder.VideoAutoencoderInferenceWrapper", "params": {
+            "cp_size": 1, "ckpt_path": os.path.join(base, "vae", "3d-vae.pt"), "ignore_keys": ["loss"],
+            "encoder_config": {"target": "vae_modules.cp_enc_dec.ContextParallelEncoder3D", "params": vae_params},
+            "decoder_config": {"target": "vae_modules.cp_enc_dec.ContextParallelDecoder3D", "params": vae_params}}},
+        "sampler_config": {"target": "sgm.modules.diffusionmodules.sampling.VPSDEDPMPP2MSampler", "params": {
+            "num_steps": 50, "verbose": True, "discretization_config": disc,
+            "guider_config": {"target": "sgm.modules.diffusionmodules.guiders.DynamicCFG",
+                              "params": {"scale": 6, "exp": 5, "num_steps": 50}}}},
+    }, "args": {"latent_channels": 4, "mode": "inference", "load": os.path.join(base, "transformer"),
+                "sampling_num_frames": 3, "sampling_fps": 8, "force_inference": True}}
+    path = os.path.join(base, "cogvideox.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(doc, f, sort_keys=False)
+    return path, {"params": params, "full": full, "vae": vae, "t5": t5_dir}

@@ -8,12 +8,12 @@ guidance 6 with the dynamic schedule where the releases use it (DPM).
 Compared: the latents after every denoising step (the pipeline's `callback_on_step_end`) and the
 decoded frames (`output_type="np"`, VAE tiling on with the same tiles on both sides), at TP 1 and 2 on
 forked gloo ranks. Tolerances (fp32): latents |ours - ref| <= 1e-5 * max|ref| at every step; frames
-(in [0, 1]) |ours - ref| <= 1e-4. Worst seen (printed with -s): latents 5.8e-7 relative, frames
-3.2e-6. Set aside, as tests/test_cogvideox_forward.py explains: the reference's `norm_out.norm.eps`
+(in [0, 1]) |ours - ref| <= 1e-4. Worst seen (printed with -s): latents 2.8e-6 relative, frames
+1.4e-5 (the error grows over the steps: 2-6e-7 after the first). Set aside, as tests/test_cogvideox_forward.py explains: the reference's `norm_out.norm.eps`
 is SAT's 1e-6 (diffusers' config says 1e-5), since the engine runs SAT's DiT.
 
 CFG parallel (world = 2 x tp: the two DP replicas run the unconditional and conditional passes at
-once) gives the latents of sequential CFG within the same tolerance.
+once) gives the latents of sequential CFG within the same tolerance (worst seen 2.5e-6).
 """
 import pytest
 import torch
@@ -67,17 +67,17 @@ def test_matches_diffusers_pipeline_at_tp_1_and_2(pipelines, kind):
             for step, (ours, ref) in enumerate(zip(lat, ref_lat)):
                 assert ours.shape == ref.shape and ours.dtype == torch.float32
                 err = _rel(ours, ref)
-                WORST["latents"] = max(WORST.get("latents", 0.0), err)
+                WORST[kind, "latents"] = max(WORST.get((kind, "latents"), 0.0), err)
                 assert err <= LAT_TOL, (kind, tp, rank, step, err)
             if rank:
                 assert frames is None  # rank 0 gets the frames
                 continue
             assert frames.shape == ref_frames.shape == (SIZES[kind][0], *SIZES[kind][1:], 3)
             err = float(abs(frames - ref_frames).max())
-            WORST["frames"] = max(WORST.get("frames", 0.0), err)
+            WORST[kind, "frames"] = max(WORST.get((kind, "frames"), 0.0), err)
             assert err <= FRAME_TOL, (kind, tp, err)
-    print(f"\n[engine vs pipeline] {kind}: worst latents {WORST['latents']:.1e} (rel), frames {WORST['frames']:.1e} "
-          f"(abs) so far over TP 1, 2")
+    print(f"\n[engine vs pipeline] {kind}: worst latents {WORST[kind, 'latents']:.1e} (rel), frames "
+          f"{WORST[kind, 'frames']:.1e} (abs) over TP 1, 2")
 
 
 @pytest.mark.parametrize("kind", ["5b", "15_i2v"])

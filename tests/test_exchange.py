@@ -112,17 +112,64 @@ def _plan(sizes):
 
 def test_assignment_classes_and_balance():
     """Same signature everywhere: read once per job; same within the DP group: once per DP group;
-    else read by each rank. Owners take contiguous runs of about equal bytes."""
+    else read by each rank. Largest first to the least loaded owner, the world's tensors counted."""
     plan = _plan({"rep": 100, "a": 10, "b": 10, "c": 10, "d": 10, "mine": 5})
     # world 4 = tp 2 x dp 2: ranks 0, 2 are TP rank 0; 1, 3 are TP rank 1
     tables = [{"rep": "R", "a": "A0", "b": "B0", "c": "C0", "d": "D0", "mine": f"m{r}"} for r in range(4)]
     for r in (1, 3):
         tables[r].update(a="A1", b="B1", c="C1", d="D1")
     shares = [assign_exchange(plan, tables, r, 2) for r in range(4)]
-    assert all(n == "rep" for s in shares for n, _ in s.world) and {o for s in shares for _, o in s.world} == {2}
-    assert [o for _, o in shares[0].dp] == [0, 0, 2, 2] and [o for _, o in shares[3].dp] == [1, 1, 3, 3]
+    assert all(n == "rep" for s in shares for n, _ in s.world) and {o for s in shares for _, o in s.world} == {0}
+    # rank 0 already reads "rep": its DP partner 2 takes the DP group's tensors (2 of 4 would not balance)
+    assert [o for _, o in shares[0].dp] == [2, 2, 2, 2] and [o for _, o in shares[3].dp] == [1, 3, 1, 3]
     assert all("mine" in s.read for s in shares)
-    assert shares[0].read == {"a", "b", "mine"} and shares[2].read == {"c", "d", "mine", "rep"}
-    assert shares[0].received(0) == ["c", "d", "rep"] and shares[2].received(2) == ["a", "b"]
+    assert shares[0].read == {"rep", "mine"} and shares[2].read == {"a", "b", "c", "d", "mine"}
+    assert shares[0].received(0) == ["a", "b", "c", "d"] and shares[2].received(2) == ["rep"]
+    assert shares[1].read == {"a", "c", "mine"} and shares[3].read == {"b", "d", "mine"}
     off = assign_exchange(plan, tables, 0, 2, enabled=False)
     assert off.read == set(plan.targets) and not off.dp and not off.world
+
+
+def test_fingerprint_sees_a_changed_word_and_swapped_blocks():
+    from sat_dist.report import FP_BLOCK, fingerprints
+
+    t = torch.randn(3 * FP_BLOCK * 2 + 5)  # fp32: 3 blocks of 64 KiB, a word tail and a byte tail
+    base = fingerprints({"w": t}, {"all": ["w"]})["all"]
+    for i in (0, FP_BLOCK * 2 + 7, t.numel() - 1):
+        u = t.clone()
+        u.view(torch.int32)[i] ^= 1 << 3
+        assert fingerprints({"w": u}, {"all": ["w"]})["all"] != base, i
+    u = t.clone()
+    blk = 2 * FP_BLOCK  # fp32 elements per block
+    u[:blk], u[blk:2 * blk] = t[blk:2 * blk].clone(), t[:blk].clone()
+    assert fingerprints({"w": u}, {"all": ["w"]})["all"] != base
+    assert fingerprints({"w": t.clone()}, {"all": ["w"]})["all"] == base
+    assert fingerprints({"w": t}, {"all": ["w"]}, {"all": {"w": "sig"}})["all"] != base
+
+
+def test_progress_bar_path_loads(ckpts):
+    _, roots = ckpts
+    (state, rep), = values(run_ranks(1, _progress, roots[1]))
+    assert rep.bytes_read == rep.bytes_needed
+
+
+def _progress(rank, path):
+    model, rep = sat_dist.load_model(path, return_report=True, progress=True)
+    return {}, rep.ranks[rank]
+
+
+def _load_bf16(rank, path, mode, bucket):
+    exchange.BUCKET_BYTES = bucket  # 0: every tensor broadcast in place, in its own dtype
+    model, rep = sat_dist.load_model(path, tp=2, dtype="bf16", return_report=True, digest=True, exchange=mode)
+    return rep.ranks[rank]
+
+
+@pytest.mark.parametrize("bucket", [0, 1 << 30])
+def test_exchange_of_cast_tensors_in_place_and_packed(ckpts, bucket):
+    _, roots = ckpts
+    auto = values(run_ranks(4, _load_bf16, roots[1], "auto", bucket))
+    off = values(run_ranks(4, _load_bf16, roots[1], "off", bucket))
+    assert [r.digest for r in auto] == [r.digest for r in off]
+    assert all(r.bytes_received > 0 for r in auto)
+    # received bytes are the cast (bf16) tensors: half the stored fp32 bytes they stand for
+    assert sum(2 * r.bytes_received + r.bytes_read for r in auto) == sum(r.bytes_needed for r in auto)

@@ -55,7 +55,7 @@ def test_every_reader_has_the_one_interface() -> None:
 def test_model_families_are_an_explicit_complete_table() -> None:
     classes = [c for f in models.FAMILIES for c in f.model_classes]
     assert len(classes) == len(set(classes))
-    assert {f.name for f in models.FAMILIES} == {"sat_gpt", "cogvideox", "t5"}
+    assert {f.name for f in models.FAMILIES} == {"sat_gpt", "cogvideox", "t5", "cogvideox_vae"}
     for family in models.FAMILIES:
         assert isinstance(family, ModelFamily)
         assert callable(family.build) and hasattr(family.config_cls, "check_tp")

@@ -22,7 +22,7 @@ from .. import collectives as C
 from ..errors import ConfigError
 from ..launch import detect_launch
 from ..loader import keep_runtime, load_components
-from . import video
+from . import sat_sampler, video
 from .layout import Components, components_for
 from .report import EngineReport, RunRecord, peak_device_bytes
 from .sampler import Conditioning, Guidance, denoise, initial_noise, make_scheduler
@@ -53,12 +53,12 @@ class Engine:
         return int(self.vae.config.temporal_compression_ratio)
 
     def default_size(self) -> tuple[int, int, int]:
-        """(frames, height, width): the 1.0 DiT's configured size; CogVideoX1.5's recommended one."""
-        a = self.dit.arch
-        if not a.v1:
-            return V15_DEFAULT
-        dcfg = self.parts.models["transformer"].model
-        return dcfg.num_frames, dcfg.latent_height * self.spatial, dcfg.latent_width * self.spatial
+        """(frames, height, width): the SAT YAML's args.sampling_num_frames / sampling_image_size when
+        set; else the 1.0 DiT's configured size, or CogVideoX1.5's recommended one."""
+        a, dcfg = self.dit.arch, self.parts.models["transformer"].model
+        f, h, w = (dcfg.num_frames, dcfg.latent_height * self.spatial, dcfg.latent_width * self.spatial) if a.v1 \
+            else V15_DEFAULT
+        return self.parts.extra.get("num_frames", f), *self.parts.extra.get("size", (h, w))
 
     # -- sampling ----------------------------------------------------------------------------------
 
@@ -82,14 +82,16 @@ class Engine:
         return done
 
     def run(self, prompt: str, *, negative_prompt: str = "", num_steps: int = 50, seed: int = 42,
-            guidance_scale: float = 6.0, use_dynamic_cfg: Optional[bool] = None, num_frames: Optional[int] = None,
-            height: Optional[int] = None, width: Optional[int] = None, image: Any = None,
-            on_step: Optional[Callable] = None, decode: bool = True, out: Optional[str] = None,
+            guidance_scale: Optional[float] = None, use_dynamic_cfg: Optional[bool] = None,
+            num_frames: Optional[int] = None, height: Optional[int] = None, width: Optional[int] = None,
+            image: Any = None, on_step: Optional[Callable] = None, decode: bool = True, out: Optional[str] = None,
             progress: bool = False) -> tuple[Optional[np.ndarray], torch.Tensor]:
-        """This work group's sample, as diffusers' CogVideoX(ImageToVideo)Pipeline.__call__ computes it:
-        returns (frames on the group leader when `decode`, else None; the final latents on every rank).
-        `use_dynamic_cfg` None: on with the DPM scheduler (as CogVideo's inference/cli_demo.py runs the
-        5B models), off with DDIM. `on_step(i, t, latents)` sees every step's latents."""
+        """This work group's sample: returns (frames on the group leader when `decode`, else None; the
+        final latents on every rank). diffusers layout: as diffusers' CogVideoX(ImageToVideo)Pipeline
+        computes it (guidance 6; `use_dynamic_cfg` None: on with the DPM scheduler, as CogVideo's
+        inference/cli_demo.py runs the 5B models). SAT layout: CogVideo's own sampler as the YAML
+        configures it (engine/sat_sampler.py; guidance and dynamic CFG from the guider unless given).
+        `on_step(i, t, latents)` sees every step's latents."""
         if self.parts.i2v and image is None:
             raise ConfigError("this is an image-to-video model: pass image= (a path, PIL image or tensor)")
         if image is not None and not self.parts.i2v:
@@ -98,18 +100,31 @@ class Engine:
         num_frames, height, width = num_frames or f0, height or h0, width or w0
         if height % 8 or width % 8:
             raise ConfigError(f"height and width must be multiples of 8, got {height}x{width}")
-        sched = make_scheduler(self.parts.scheduler)
-        dynamic = (type(sched).__name__ == "CogVideoXDPMScheduler") if use_dynamic_cfg is None else use_dynamic_cfg
+        sat, sched = self.parts.layout == "sat", self.parts.scheduler
+        if sat:
+            sched = {**sched, "scale": sched["scale"] if guidance_scale is None else guidance_scale}
+            if use_dynamic_cfg is not None:
+                sched["guider"] = "DynamicCFG" if use_dynamic_cfg else "VanillaCFG"
+            guidance_scale, dynamic = sched["scale"], sched["guider"] == "DynamicCFG"
+        else:
+            sched = make_scheduler(sched)
+            guidance_scale = 6.0 if guidance_scale is None else guidance_scale
+            dynamic = type(sched).__name__ == "CogVideoXDPMScheduler" if use_dynamic_cfg is None else use_dynamic_cfg
         rec = RunRecord(prompt, seed, num_steps, num_frames, height, width, guidance_scale, dynamic,
                         self.pair_group is not None, self.rt.rank, out=out)
         dev, cfg_on = self.rt.device, guidance_scale > 1.0
         t = time.perf_counter()
         length = self.parts.max_text_length or self.dit.arch.text_length
         pos = encode_prompt(self.tokenizer, self.text_encoder, prompt, length, dev)
-        neg = encode_prompt(self.tokenizer, self.text_encoder, negative_prompt, length, dev) if cfg_on else None
+        neg = None
+        if cfg_on:  # CogVideo's SAT sampler: all-zero unconditional embeddings (force_uc_zero_embeddings)
+            neg = torch.zeros_like(pos) if sat else encode_prompt(self.tokenizer, self.text_encoder,
+                                                                  negative_prompt, length, dev)
         rec.seconds_encode = round(time.perf_counter() - t, 4)
+        _say(progress and self.leader, f"encoded the prompt{' and the unconditional text' if cfg_on else ''} in "
+                                       f"{rec.seconds_encode:.2f}s")
 
-        dtype, gen = pos.dtype, torch.Generator().manual_seed(seed)
+        dtype, gen = (torch.float32 if sat else pos.dtype), torch.Generator().manual_seed(seed)
         patch_t = None if self.dit.arch.v1 else self.dit.arch.patch[0]
         latent_frames = (num_frames - 1) // self.temporal + 1
         extra = 0  # CogVideoX1.5: latent frames padded up to the time patch, dropped before decoding
@@ -120,13 +135,14 @@ class Engine:
         cond = Conditioning(pos, neg)
         if self.parts.i2v:
             shape[2] //= 2
+            scale = 1.0 if sat else None  # SAT: encode_first_stage * scale_factor / scale_factor
             cond.image_latents = video.image_latents(self.vae, image, height, width, latent_frames, patch_t, gen,
-                                                     dev, dtype)
+                                                     dev, dtype, scale)
             if patch_t is not None:
                 shape[1] += shape[1] % patch_t
             if self.dit.arch.ofs_dim is not None:
                 cond.ofs = torch.full((1,), 2.0, device=dev, dtype=dtype)
-        latents = initial_noise(tuple(shape), gen, dev, dtype, sched)
+        latents = initial_noise(tuple(shape), gen, dev, dtype, None if sat else sched)
 
         bar = _bar(num_steps, progress and self.leader)
         last = [time.perf_counter()]
@@ -140,13 +156,18 @@ class Engine:
                 on_step(i, ts, lat)
 
         guidance = Guidance(self.dit, cond, self.pair_group, self.pair_index)
-        latents = denoise(guidance, sched, latents, num_steps, guidance_scale, dynamic, gen, step)
+        if sat:
+            latents = sat_sampler.denoise(guidance, latents, num_steps, sched, gen, cfg_on, step)
+        else:
+            latents = denoise(guidance, sched, latents, num_steps, guidance_scale, dynamic, gen, step)
         bar.close()
         frames = None
         if decode and self.leader:
             t = time.perf_counter()
             frames = video.decode(self.vae, latents[:, extra:])[0]
             rec.seconds_decode = round(time.perf_counter() - t, 4)
+            _say(progress, f"decoded {frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]} in "
+                           f"{rec.seconds_decode:.1f}s")
             if out:
                 video.write_mp4(frames, out, self.parts.fps)
         if self.leader:
@@ -176,6 +197,13 @@ class _NoBar:
         pass
 
 
+def _say(show: bool, line: str) -> None:
+    if show:
+        from tqdm import tqdm
+
+        tqdm.write(line)
+
+
 def _bar(total: int, show: bool):
     if not show:
         return _NoBar()
@@ -202,14 +230,15 @@ def load_engine(path_or_config: str | Sequence[str], tp: Optional[int] = None, *
     try:
         loaded = load_components(rt, list(parts.models.values()), t0, names=list(parts.models))
         models = {name: model for name, (model, _) in zip(parts.models, loaded)}
-        video.enable_bounded_decode(models["vae"], vae_tiling)
+        tiled = video.enable_bounded_decode(models["vae"], vae_tiling)
         pair = C.cfg_pair_group(rt, first.timeout_s) if cfg_parallel and rt.mesh.dp % 2 == 0 else None
     except BaseException:
         C.teardown(rt)
         raise
     keep_runtime(rt)
     rep = EngineReport(parts.layout, parts.root, rt.world_size, rt.tp, rt.mesh.dp, pair is not None,
-                       round(time.perf_counter() - t0, 4), {n: r for n, (_, r) in zip(parts.models, loaded)})
+                       round(time.perf_counter() - t0, 4), {n: r for n, (_, r) in zip(parts.models, loaded)},
+                       vae_tiling=tiled)
     engine = Engine(rt, parts, models, rep, pair, tokenizer)
     if report and rt.rank == 0:
         rep.write(report)

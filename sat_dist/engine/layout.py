@@ -11,13 +11,13 @@ src/diffusers/pipelines/pipeline_utils.py (`save_pretrained`).
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..config import LoadConfig, build_model_config, parse_dtype, resolve
 from ..errors import CheckpointError, ConfigError
+from ..formats.base import read_json_object
 from ..formats.diffusers import weight_files
 
 I2V_PIPELINE = "CogVideoXImageToVideoPipeline"
@@ -38,19 +38,7 @@ class Components:
     i2v: bool
     fps: int
     max_text_length: Optional[int] = None  # None: the DiT's text_length
-    sampler_note: str = ""  # how the layout's sampler maps onto the scheduler (SAT layout)
-    extra: dict = field(default_factory=dict)
-
-
-def read_json(path: str, what: str) -> dict:
-    try:
-        with open(path) as f:
-            out = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {what} {path}: {exc}") from exc
-    if not isinstance(out, dict):
-        raise CheckpointError(f"{path} holds a JSON {type(out).__name__}, not an object")
-    return out
+    extra: dict = field(default_factory=dict)  # SAT layout: args.sampling_num_frames / sampling_image_size
 
 
 def is_diffusers_pipeline(path: str) -> bool:
@@ -60,7 +48,7 @@ def is_diffusers_pipeline(path: str) -> bool:
 
 def vae_model_config(folder: str) -> dict:
     """`vae/config.json` as the cogvideox_vae family's model config (`_class_name` -> model_class)."""
-    cfg = read_json(os.path.join(folder, "config.json"), "the VAE config")
+    cfg = read_json_object(os.path.join(folder, "config.json"), "the VAE config")
     cls = cfg.get("_class_name")
     if cls != "AutoencoderKLCogVideoX":
         raise ConfigError(f"{folder}/config.json: _class_name is {cls!r}; the engine decodes with "
@@ -69,7 +57,7 @@ def vae_model_config(folder: str) -> dict:
 
 
 def scheduler_config(path: str) -> dict:
-    cfg = read_json(path, "the scheduler config")
+    cfg = read_json_object(path, "the scheduler config")
     if cfg.get("_class_name") not in SCHEDULERS:
         raise ConfigError(f"{path}: _class_name {cfg.get('_class_name')!r} is not one of CogVideoX's schedulers "
                           f"{list(SCHEDULERS)}")
@@ -95,7 +83,7 @@ def diffusers_components(root: str, common: dict[str, Any]) -> Components:
         raise CheckpointError(f"{root}: a diffusers CogVideoX pipeline folder needs {list(FOLDERS)}; missing "
                               f"{missing}")
     index_path = os.path.join(root, "model_index.json")
-    index = read_json(index_path, "the pipeline index") if os.path.isfile(index_path) else {}
+    index = read_json_object(index_path, "the pipeline index") if os.path.isfile(index_path) else {}
     if index and index.get("_class_name") not in PIPELINES:
         raise ConfigError(f"{index_path}: _class_name {index.get('_class_name')!r} is not one of {list(PIPELINES)}")
     vae_dir = os.path.join(root, "vae")

@@ -3,16 +3,12 @@ digest — `report.LoadReport`) and every sample run (seconds per step, encode/d
 each rank's peak device memory, gathered once at the end (`Engine.finish`)."""
 from __future__ import annotations
 
-import json
-import os
-import resource
-import sys
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import torch
 
-from ..report import LoadReport
+from ..report import LoadReport, peak_rss_bytes, write_json
 
 MIB = 1 << 20
 
@@ -21,8 +17,7 @@ def peak_device_bytes(device: torch.device) -> int:
     """Peak allocated device memory of this process (CUDA), else its peak RSS (CPU runs)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
+    return peak_rss_bytes()
 
 
 @dataclass
@@ -55,6 +50,7 @@ class EngineReport:
     cfg_parallel: bool
     seconds_load: float
     components: dict  # name -> LoadReport
+    vae_tiling: bool = True
     runs: list = field(default_factory=list)  # RunRecord (each group's leader's; gathered by finish)
     ranks: list = field(default_factory=list)  # per rank: rank, device, peak_device_bytes, peak_rss_bytes
     status: str = "ok"
@@ -69,11 +65,7 @@ class EngineReport:
         return d
 
     def write(self, path: str) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-        os.replace(tmp, path)
+        write_json(path, self.to_dict())
 
     def table(self) -> str:
         """Per component and rank: MiB read / needed, then the load time."""

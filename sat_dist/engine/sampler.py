@@ -63,15 +63,20 @@ class Guidance:
             img = torch.cat([img] * x.shape[0])
         return self.dit(x, t.expand(x.shape[0]), context, concat_images=img, ofs=self.cond.ofs)
 
-    def __call__(self, latents: torch.Tensor, t: torch.Tensor, scale: float) -> torch.Tensor:
+    def pair(self, latents: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(unconditional, conditional) DiT outputs in float32."""
         c = self.cond
-        if c.negative is None:
-            return self._dit(latents, t, c.prompt).float()
         if self.group is not None:  # CFG parallel: this replica's half, then one exchange
             mine = self._dit(latents, t, (c.negative, c.prompt)[self.index])
             uncond, text = C.all_gather_pair(mine, self.group).float().unbind(0)
-        else:
-            uncond, text = self._dit(torch.cat([latents] * 2), t, torch.cat([c.negative, c.prompt])).float().chunk(2)
+            return uncond, text
+        uncond, text = self._dit(torch.cat([latents] * 2), t, torch.cat([c.negative, c.prompt])).float().chunk(2)
+        return uncond, text
+
+    def __call__(self, latents: torch.Tensor, t: torch.Tensor, scale: float) -> torch.Tensor:
+        if self.cond.negative is None:
+            return self._dit(latents, t, self.cond.prompt).float()
+        uncond, text = self.pair(latents, t)
         return uncond + scale * (text - uncond)
 
 
@@ -101,8 +106,10 @@ def denoise(guidance: Guidance, scheduler, latents: torch.Tensor, steps: int, gu
     return latents
 
 
-def initial_noise(shape: tuple[int, ...], generator: torch.Generator, device, dtype, scheduler) -> torch.Tensor:
-    """diffusers' `randn_tensor` (CPU generator: drawn on the CPU, then moved) times init_noise_sigma."""
+def initial_noise(shape: tuple[int, ...], generator: torch.Generator, device, dtype, scheduler=None) -> torch.Tensor:
+    """diffusers' `randn_tensor` (CPU generator: drawn on the CPU, then moved) times the scheduler's
+    init_noise_sigma (none: CogVideo's SAT sampler starts from plain N(0, 1) noise)."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    return randn_tensor(shape, generator=generator, device=device, dtype=dtype) * scheduler.init_noise_sigma
+    noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+    return noise if scheduler is None else noise * scheduler.init_noise_sigma

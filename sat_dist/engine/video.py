@@ -24,16 +24,39 @@ def processor(vae: nn.Module):
     return VideoProcessor(vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1))
 
 
-def enable_bounded_decode(vae: nn.Module, tiling: Optional[dict] = None) -> None:
-    """Tiled, sliced decode: `tiling` passes enable_tiling's tile sizes/overlaps (default: diffusers')."""
+def tiles_exact(vae: nn.Module) -> bool:
+    """Whether diffusers' tiled encode/decode keeps the video's size with the VAE's tile settings: a
+    tile's step must equal the rows it keeps (`tiled_decode`: overlap * scale == tile - blend; and the
+    same for `tiled_encode`). True for the releases' defaults (240x360 px tiles, overlaps 1/6, 1/5)."""
+    s = 2 ** (len(vae.config.block_out_channels) - 1)
+    for ts, tl, o in ((vae.tile_sample_min_height, vae.tile_latent_min_height, vae.tile_overlap_factor_height),
+                      (vae.tile_sample_min_width, vae.tile_latent_min_width, vae.tile_overlap_factor_width)):
+        if int(tl * (1 - o)) * s != ts - int(ts * o) or int(ts * (1 - o)) != (tl - int(tl * o)) * s:
+            return False
+    return True
+
+
+def enable_bounded_decode(vae: nn.Module, tiling: Optional[dict] = None) -> bool:
+    """Sliced decode, and tiled unless the tiles would not keep the size (tiny test VAEs with diffusers'
+    default tiles): `tiling` passes enable_tiling's tile sizes/overlaps (default: diffusers'), refused
+    when they would change the size. Returns whether tiling is on."""
     vae.enable_slicing()
     vae.enable_tiling(**(tiling or {}))
+    if tiles_exact(vae):
+        return True
+    if tiling:
+        raise ConfigError(f"vae tiling {tiling}: with these tiles diffusers' tiled decode changes the video size "
+                          f"(a tile's step must equal the rows it keeps)")
+    vae.disable_tiling()
+    return False
 
 
 def image_latents(vae: nn.Module, image: Any, height: int, width: int, latent_frames: int, patch_t: Optional[int],
-                  generator: torch.Generator, device, dtype) -> torch.Tensor:
+                  generator: torch.Generator, device, dtype, scale: Optional[float] = None) -> torch.Tensor:
     """I2V: the first frame encoded (a sample of the VAE posterior, drawn from `generator`), scaled, then
-    zero latent frames after it; for 1.5 (time patch) the first frames repeated to fill the patch."""
+    zero latent frames after it; for 1.5 (time patch) the first frames repeated to fill the patch.
+    `scale` None: diffusers' (scaling_factor, or its inverse with `invert_scale_latents`); CogVideo's
+    SAT sample_video.py passes the unscaled latents (scale 1)."""
     if isinstance(image, str):
         if not os.path.isfile(image):
             raise ConfigError(f"--image {image} does not exist")
@@ -44,8 +67,11 @@ def image_latents(vae: nn.Module, image: Any, height: int, width: int, latent_fr
     with torch.no_grad():
         enc = [vae.encode(img.unsqueeze(0)).latent_dist.sample(generator) for img in pixels.unsqueeze(2)]
     lat = torch.cat(enc).to(dtype).permute(0, 2, 1, 3, 4)  # [B, F, C, H, W]
-    scale = vae.config.scaling_factor
-    lat = lat / scale if vae.config.invert_scale_latents else lat * scale
+    if scale is None:
+        sf = vae.config.scaling_factor
+        lat = lat / sf if vae.config.invert_scale_latents else lat * sf
+    elif scale != 1.0:
+        lat = lat * scale
     pad = torch.zeros((lat.shape[0], latent_frames - 1, *lat.shape[2:]), device=device, dtype=dtype)
     lat = torch.cat([lat, pad], dim=1)
     if patch_t is not None:

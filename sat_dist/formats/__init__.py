@@ -12,13 +12,13 @@ from typing import Optional
 
 from ..errors import CheckpointError
 from ..index import CheckpointIndex
-from . import dcp, deepspeed, diffusers, hf_t5, safetensors, sat
+from . import dcp, deepspeed, diffusers, hf_t5, safetensors, sat, sat_vae
 from .base import IndexRequest, folder_model_config
 
 # DeepSpeed first: a ZeRO-1/2 folder also holds mp_rank_XX_model_states.pt (the SAT reader's
 # format); it recognises ZeRO folders by their *_optim_states.pt / zero_pp_rank_* files.
 # diffusers and hf_t5 before safetensors: their folders also hold model.safetensors / a *.safetensors.index.json.
-READERS: tuple[ModuleType, ...] = (deepspeed, diffusers, hf_t5, safetensors, dcp, sat)
+READERS: tuple[ModuleType, ...] = (deepspeed, diffusers, hf_t5, safetensors, dcp, sat_vae, sat)
 
 
 def reader_for(path: str, tag: Optional[str] = None) -> ModuleType:

@@ -5,8 +5,8 @@ into a plain state dict of full tensors (keys: SAT names with the model's prefix
 Written by `torch.distributed.checkpoint.save` from every rank of the job (pytorch/pytorch
 torch/distributed/checkpoint/state_dict_saver.py, filesystem.py): each rank saves PLAIN FULL
 TENSORS, not DTensor shards, and each tensor is saved by exactly one rank (`owners`, balanced by
-bytes), so the checkpoint holds every tensor once, as one chunk, whatever the world size; one
-`__<rank>_0.distcp` per rank and `.metadata` from rank 0. `--tp` does not apply.
+bytes), so the checkpoint holds every tensor once, as one chunk, whatever the world size; one file
+`__<rank>_<n>.distcp` per tensor (see `write`) and `.metadata` from rank 0. `--tp` does not apply.
 
 Streaming: the state dict handed to `save` holds meta-device placeholders (planning needs only
 shapes and dtypes); the planner's `resolve_data`, which `FileSystemWriter` calls item by item as
@@ -58,7 +58,11 @@ def write(job: Job, root: str, fetch: Fetch) -> list[Written]:
     holders = {n: torch.empty(w.shape, dtype=w.dtype, device="meta") for n, w in mine.items()}
     planner_cls, writer_cls = _classes()
     planner = planner_cls(lambda fqn: fetch([mine[fqn]])[fqn])
-    dcp.save(holders, storage_writer=writer_cls(root, thread_count=1, sync_files=True), planner=planner)
+    # One file per tensor: torch 2.13's FileSystemWriter keeps every tensor of a file referenced until
+    # the file is closed (filesystem.py `_write_files_from_queue`, its `tensor_dict`), so one file per
+    # rank would hold the rank's whole share in memory.
+    writer = writer_cls(root, single_file_per_rank=False, thread_count=1, sync_files=True)
+    dcp.save(holders, storage_writer=writer, planner=planner)
     return [done(root, f) for f in sorted(os.listdir(root)) if f.startswith(f"__{job.rank}_")]
 
 

@@ -58,8 +58,9 @@ def write_index(root: str, base: str, wants: Sequence[Want], limit: int) -> list
 
 
 def metadata(job: Job) -> dict[str, str]:
-    return {"format": "pt", "model_config": json.dumps({**job.model_config, "model_parallel_size": 1},
-                                                       sort_keys=True)}
+    """One key: the safetensors package writes `__metadata__` in its hash map's order, which varies
+    between processes, so a second key (huggingface's `"format": "pt"`) would make the bytes vary."""
+    return {"model_config": json.dumps({**job.model_config, "model_parallel_size": 1}, sort_keys=True)}
 
 
 def check(job: Job) -> None:

@@ -89,6 +89,7 @@ class DiTArch:
     patch_bias: bool
     qk_ln: bool
     swiglu: bool
+    adaln_split: bool = False  # sat_dist's opt-in: AdaLN modulation linears column-split across TP
 
     @property
     def num_patches(self) -> int:
@@ -153,6 +154,9 @@ class DiTConfig:
     model_parallel_size: Optional[int] = None
     max_sequence_length: Optional[int] = None
     tokenizer_type: Optional[str] = None
+    # sat_dist's own option (not SAT's): split the AdaLN modulation linears across the TP group
+    # (column split + all-gather of the [b, 12*hidden] modulation) instead of replicating them.
+    adaln_split: bool = False
 
     UNSUPPORTED = {"use_RMSNorm": False, "num_classes": None}
 
@@ -257,6 +261,7 @@ class DiTConfig:
             theta=float(pos.get("theta", 10000)), rot_v=bool(pos.get("rot_v", False)),
             learnable_pos=bool(pos.get("learnable_pos_embed", False)), text_hidden=int(patch_p["text_hidden_size"]),
             patch_bias=bool(patch_p["bias"]), qk_ln=bool(adaln["qk_ln"]), swiglu=bool(self.use_SwiGLU),
+            adaln_split=bool(self.adaln_split),
         )
 
     def check_tp(self, tp: int) -> None:

@@ -51,7 +51,7 @@ class CogVideoXDiT(nn.Module):
         pos_cls = Basic3DPositionEmbedding if a.pos == "basic3d" else Rotary3DPositionEmbedding
         self.mixins["pos_embed"] = pos_cls(a, dtype)
         self.mixins["patch_embed"] = ImagePatchEmbedding(a, dtype)
-        self.mixins["adaln_layer"] = AdaLN(a, dtype)
+        self.mixins["adaln_layer"] = AdaLN(a, dtype, tp)
         self.mixins["final_layer"] = FinalLayer(a, dtype)
         if a.swiglu:
             self.mixins["swiglu"] = SwiGLU(a, tp, dtype)

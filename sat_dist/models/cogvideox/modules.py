@@ -17,6 +17,7 @@ from torch import nn
 
 from ...placement import REPLICATED, TensorSpec
 from ..layers import ColumnParallelLinear, Embedding, LayerNorm, RowParallelLinear, TPInfo
+from ..tp_ops import gather_last_dim_from_tp
 from .config import DiTArch
 from .tables import modulate, rope_freqs_3d, rope_video, sincos_3d
 
@@ -254,13 +255,20 @@ class ImagePatchEmbedding(nn.Module):
 
 
 class AdaLN(nn.Module):
-    """mixins.adaln_layer: per layer SiLU+Linear(time_dim, 12h) and per-head q/k LayerNorms."""
+    """mixins.adaln_layer: per layer SiLU+Linear(time_dim, 12h) and per-head q/k LayerNorms.
 
-    def __init__(self, a: DiTArch, dtype: torch.dtype):
+    The modulation linears are replicated, as in SAT; with `adaln_split` (sat_dist's opt-in layout)
+    they are column-split across the TP group and the small [b, 12h] output is all-gathered."""
+
+    def __init__(self, a: DiTArch, dtype: torch.dtype, tp: Optional[TPInfo] = None):
         super().__init__()
-        self.arch = a
-        self.adaLN_modulations = nn.ModuleList(
-            [nn.Sequential(nn.SiLU(), nn.Linear(a.time_dim, 12 * a.hidden, dtype=dtype)) for _ in range(a.layers)])
+        self.arch, self.tp = a, tp or TPInfo()
+
+        def linear() -> nn.Module:
+            if a.adaln_split:
+                return ColumnParallelLinear(a.time_dim, 12 * a.hidden, self.tp, True, dtype=dtype)
+            return nn.Linear(a.time_dim, 12 * a.hidden, dtype=dtype)
+        self.adaLN_modulations = nn.ModuleList([nn.Sequential(nn.SiLU(), linear()) for _ in range(a.layers)])
         if a.qk_ln:
             self.query_layernorm_list = nn.ModuleList(
                 [LayerNorm(a.head_dim, eps=1e-6, elementwise_affine=a.affine, dtype=dtype) for _ in range(a.layers)])
@@ -269,7 +277,10 @@ class AdaLN(nn.Module):
 
     def modulations(self, i: int, emb: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Layer i's 12 [b, h] chunks: video shift/scale/gate for attention and MLP, then text's."""
-        return self.adaLN_modulations[i](emb).chunk(12, dim=1)
+        out = self.adaLN_modulations[i](emb)
+        if self.arch.adaln_split:
+            out = gather_last_dim_from_tp(out, self.tp.group)
+        return out.chunk(12, dim=1)
 
     def qk_norm(self, i: int, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer i's per-head q/k LayerNorms (qk_ln), applied inside the attention."""
