@@ -7,7 +7,7 @@ STAMP    := $(VENV)/.installed
 # deepspeed's ops are JIT-only here; torch is pinned in the same command so no CUDA wheel is pulled.
 REQS     := requirements.txt requirements-test.txt
 
-.PHONY: venv demo test bench clean sat-ref-venv
+.PHONY: venv demo test bench soak fuzz clean sat-ref-venv
 venv: $(STAMP)
 
 $(STAMP): setup.py Makefile $(REQS)
@@ -35,6 +35,16 @@ bench: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/lint-imports --config .importlinter
 	$(VENV)/bin/python -m pytest -q tests $(PYTEST_ARGS)
+
+# soak : SOAK_TRIALS (50) randomized kill/stall/interrupt trials under torchrun and mpirun (tests/fault_lib.py):
+# each prints its survivors' times to exit; the last line gives the worst. SOAK_ARGS: e.g. --seed 7 --timeout 8.
+# fuzz : the hypothesis fuzz targets (tests/test_fuzz.py) with FUZZ_EXAMPLES (5000) examples each.
+SOAK_TRIALS ?= 50
+FUZZ_EXAMPLES ?= 5000
+soak: $(STAMP)
+	$(VENV)/bin/python tests/fault_lib.py --trials $(SOAK_TRIALS) $(SOAK_ARGS)
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz SAT_DIST_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/python -m pytest -q -s tests/test_fuzz.py
 
 # sat-ref-venv : .venv-sat, the real SwissArmyTransformer 0.4.12 for tests/test_sat_reference.py.
 # sat is installed --no-deps; SAT_PKGS is exactly what `import sat` + get_args/save_checkpoint need

@@ -7,13 +7,20 @@ within the process-group timeout instead of a hang.
 """
 from __future__ import annotations
 
+import dataclasses
+import time
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional, Sequence
 
 from torch import nn
 
 from . import collectives as C
-from .errors import GroupLoadError, SatDistError
+from . import errors, formats
+from .config import LoadConfig
+from .errors import CheckpointError, GroupLoadError, SatDistError
+from .integrity import atomic_write_json
+from .pause import pause_point
 from .report import RankReport
 from .runtime import Runtime
 
@@ -30,20 +37,38 @@ class RankStatus:
     replicated_digest: Optional[str] = None
     digest: Optional[str] = None
     report: Optional[RankReport] = None
+    dtypes: Optional[tuple] = None  # plan_dtypes(): (common stored dtype, the exceptions)
 
 
 def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _gather(rt: Runtime, status: RankStatus, phase: str, timeout_s: float) -> list[RankStatus]:
+def _gather(rt: Runtime, obj: Any, phase: str, timeout_s: float) -> list:
+    """All-gather `obj` at agreement point `phase`. Each rank first marks its arrival in the store,
+    so when the collective fails (a peer died, or did not come within the timeout) the error names
+    the rank(s) that never arrived."""
+    pause_point(phase, rt.rank)
+    C.mark_arrival(rt, phase)
+    t0 = time.monotonic()
     try:
-        return C.all_gather_objects(status)
+        return C.all_gather_objects(obj)
     except Exception as exc:
+        waited = time.monotonic() - t0
+        # A fast failure is a broken connection (a peer died): give live stragglers a moment to arrive.
+        missing = C.not_arrived(rt, phase, 0.0 if waited >= 0.9 * timeout_s else min(3.0, timeout_s))
+        if missing:
+            who = f"rank(s) {missing} did not reach it (dead, stopped or hung)"
+        elif missing is None:
+            who = ("no rank can be named: the store that records arrivals did not answer either, so its host "
+                   "(rank 0, or the launcher's agent under torchrun) is stopped, hung or dead")
+        else:
+            who = "every rank reached it, then a peer's connection broke (a rank died or was interrupted)"
+        cause = (str(exc).strip().splitlines() or [""])[0][:300]
         raise GroupLoadError(
-            f"sat_dist: rank {rt.rank} could not reach its peers during '{phase}' (a rank died, or did "
-            f"not answer within the {timeout_s:.0f}s timeout): {describe(exc)}",
-            {rt.rank: describe(exc)},
+            f"sat_dist: rank {rt.rank} could not reach its peers during '{phase}' after {waited:.1f}s: {who}; "
+            f"--timeout is {timeout_s:.0f}s. Cause: {type(exc).__name__}: {cause}",
+            {r: f"did not reach '{phase}'" for r in missing or []}, phase, agreed=False,
         ) from exc
 
 
@@ -51,14 +76,66 @@ def _raise(statuses: list[RankStatus], phase: str, problems: dict[int, str]) -> 
     world = len(statuses)
     lines = [f"sat_dist load failed on rank(s) {sorted(problems)} of {world} during '{phase}':"]
     lines += [f"  rank {r}: {msg}" for r, msg in sorted(problems.items())]
-    raise GroupLoadError("\n".join(lines), problems)
+    raise GroupLoadError("\n".join(lines), problems, phase)
 
 
-def agree_phase(rt: Runtime, phase: str, error: Optional[BaseException], timeout_s: float) -> None:
-    """Every rank reports whether `phase` succeeded; any failure fails all ranks identically."""
+def agree_tags(rt: Runtime, cfgs: Sequence[LoadConfig], timeout_s: float
+               ) -> tuple[list[LoadConfig], Optional[SatDistError]]:
+    """Rank 0 reads each checkpoint's `latest` once and every rank indexes the tag it read, so a
+    checkpoint being saved while the job starts cannot give ranks different iterations. Returns the
+    configs with their tag set, and rank 0's error reading `latest` (every rank reports it at 'plan')."""
+    mine: Any = None
+    if rt.rank == 0:
+        try:
+            mine = [c.tag if c.tag is not None or not c.checkpoint else formats.latest_tag(c.checkpoint) for c in cfgs]
+        except SatDistError as exc:
+            mine = (type(exc).__name__, str(exc))
+        except Exception as exc:
+            mine = ("CheckpointError", describe(exc))
+    got = _gather(rt, mine, "tag", timeout_s)[0]
+    if isinstance(got, tuple):
+        return list(cfgs), getattr(errors, got[0], CheckpointError)(got[1])
+    return [dataclasses.replace(c, tag=t) for c, t in zip(cfgs, got)], None
+
+
+def plan_dtypes(plans: Sequence[Any]) -> tuple[str, dict[str, str]]:
+    """(the most common stored dtype, {tensor: dtype} of the others) over `plans`' targets: what
+    every rank must agree on (TP ranks read different mp files, which could disagree)."""
+    all_ = {f"{i}:{n}" if len(plans) > 1 else n: str(t.stored_dtype).removeprefix("torch.")
+            for i, p in enumerate(plans) for n, t in p.targets.items()}
+    common = Counter(all_.values()).most_common(1)[0][0] if all_ else ""
+    return common, {n: d for n, d in all_.items() if d != common}
+
+
+def _dtype_problems(statuses: list[RankStatus]) -> dict[int, str]:
+    ref = statuses[0]
+    if not ref.dtypes:
+        return {}
+    common, odd = ref.dtypes
+    out = {}
+    for s in statuses[1:]:
+        if not s.dtypes or s.dtypes == ref.dtypes:
+            continue
+        c, o = s.dtypes
+        if c != common:
+            out[s.rank] = (f"CheckpointError: its files store the tensors as {c} where rank 0's store {common}: the model-parallel "
+                           f"files come from different saves; restore the files of one save")
+            continue
+        diff = sorted(n for n in set(o) | set(odd) if o.get(n, c) != odd.get(n, common))
+        out[s.rank] = (f"CheckpointError: tensor(s) {diff[:5]} are stored as {[o.get(n, c) for n in diff[:5]]} in its files but as "
+                       f"{[odd.get(n, common) for n in diff[:5]]} in rank 0's: the model-parallel files come from "
+                       f"different saves; restore the files of one save")
+    return out
+
+
+def agree_phase(rt: Runtime, phase: str, error: Optional[BaseException], timeout_s: float,
+                dtypes: Optional[tuple[str, dict[str, str]]] = None) -> None:
+    """Every rank reports whether `phase` succeeded (and, after planning, its stored dtypes); any
+    failure or disagreement fails all ranks identically."""
     status = RankStatus(rt.rank, describe(error) if error else None, rt.tp_rank, rt.dp_rank)
+    status.dtypes = dtypes
     statuses = _gather(rt, status, phase, timeout_s)
-    problems = {s.rank: s.error for s in statuses if s.error}
+    problems = {s.rank: s.error for s in statuses if s.error} or _dtype_problems(statuses)
     if problems:
         _raise(statuses, phase, problems)
 
@@ -114,4 +191,24 @@ def agree_loaded(rt: Runtime, status: RankStatus, timeout_s: float) -> list[Rank
     return statuses
 
 
-__all__ = ["RankStatus", "SatDistError", "agree_loaded", "agree_phase", "describe", "finalize", "local_status"]
+def error_report(exc: BaseException, checkpoint: Optional[str], rank: int, world_size: Optional[int]) -> dict:
+    """The `--report` JSON of a failed load: status "error", the failing ranks and their causes."""
+    failures = getattr(exc, "failures", None) or {rank: describe(exc)}
+    return {"status": "error", "checkpoint": checkpoint, "world_size": world_size,
+            "phase": getattr(exc, "phase", None) or None, "error_type": type(exc).__name__, "error": str(exc),
+            "agreed": getattr(exc, "agreed", False), "reported_by": rank,
+            "failures": [{"rank": r, "cause": c} for r, c in sorted(failures.items())]}
+
+
+def write_error_report(path: Optional[str], exc: BaseException, checkpoint: Optional[str], rank: int,
+                       world_size: Optional[int]) -> None:
+    """Rank 0 writes the error report when a report was asked for (never masks the error itself)."""
+    if path and rank == 0:
+        try:
+            atomic_write_json(path, error_report(exc, checkpoint, rank, world_size))
+        except OSError:
+            pass
+
+
+__all__ = ["RankStatus", "SatDistError", "agree_loaded", "agree_phase", "agree_tags", "describe", "error_report",
+           "finalize", "local_status", "plan_dtypes", "write_error_report"]

@@ -1,7 +1,7 @@
-"""`sat-dist` / `python -m sat_dist`: load, inspect, plan, demo, env, convert, sample.
+"""`sat-dist` / `python -m sat_dist`: load, inspect, plan, manifest, demo, env, convert, sample.
 
 Every rank runs the same command. On success rank 0 prints the per-rank table; on failure every
-rank prints the same agreed error to stderr and exits 1.
+rank exits 1 (130 when interrupted): rank 0 prints the agreed error in full, the others one line.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import re
 import sys
 from typing import Optional, Sequence
 
-from .errors import SatDistError
+from .errors import CheckpointError, ConfigError, SatDistError
 
 
 def _add_load_args(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     load = sub.add_parser("load", help="load a checkpoint on every rank and agree on it")
     _add_load_args(load)
+    load.add_argument("--verify", nargs="?", const=True, default=None, metavar="MANIFEST",
+                      help="check every block this rank reads against the checkpoint's manifest (sat-dist manifest), "
+                           "or against MANIFEST")
     load.add_argument("--weights", choices=["auto", "module", "fp32"], default=None,
                       help="DeepSpeed ZeRO-1/2: module weights (auto, default) or the fp32 master partitions; "
                            "ZeRO-3 always reads the fp32 partitions")
@@ -47,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("checkpoint", help="checkpoint folder (holds 'latest') or a tag folder")
     insp.add_argument("--tag", default=None, help="tag folder to inspect instead of what 'latest' says")
     insp.add_argument("--json", action="store_true", help="print JSON instead of text")
+    man = sub.add_parser("manifest", help="write SHA-256 per block of every checkpoint file (for load --verify)")
+    man.add_argument("checkpoint", help="checkpoint folder (every file under it) or one file")
+    man.add_argument("--out", default=None, help="manifest path (default: CHECKPOINT/sat-dist-manifest.json)")
+    man.add_argument("--block-mib", type=int, default=4, help="block size in MiB (default 4)")
     demo = sub.add_parser("demo", help="write a tiny SAT checkpoint (once) and load it")
     _add_load_args(demo, checkpoint=False)
     sub.add_parser("env", help="print what the launcher told this rank")
@@ -152,7 +159,7 @@ def cmd_load(args: argparse.Namespace, checkpoint: Optional[str]) -> int:
         checkpoint, args.config, tp=args.tp, dtype=args.dtype, device=args.device, report=args.report,
         overrides=args.overrides, tag=args.tag, timeout_s=args.timeout_s, return_report=True,
         weights=getattr(args, "weights", None), exchange=args.exchange, digest=args.digest,
-        progress=False if args.quiet else None,
+        progress=False if args.quiet else None, verify=getattr(args, "verify", None),
     )
     import torch.distributed as dist
 
@@ -194,6 +201,21 @@ def cmd_env(_: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_manifest(args: argparse.Namespace) -> int:
+    from .integrity import checkpoint_files, manifest_path, write_manifest
+
+    if not os.path.exists(args.checkpoint):
+        raise CheckpointError(f"checkpoint path {args.checkpoint} does not exist")
+    if args.block_mib < 1:
+        raise ConfigError(f"--block-mib must be >= 1, got {args.block_mib}")
+    out = args.out or manifest_path(args.checkpoint)
+    m = write_manifest(checkpoint_files(args.checkpoint), out, args.block_mib << 20)
+    total = sum(e["bytes"] for e in m["files"].values())
+    print(f"{out}: {len(m['files'])} files, {total:,} bytes, {sum(len(e['sha256']) for e in m['files'].values())} "
+          f"blocks of {args.block_mib} MiB", flush=True)
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from . import formats
 
@@ -223,10 +245,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .engine.command import run as cmd_sample
 
             return cmd_sample(args)
+        if args.command == "manifest":
+            return cmd_manifest(args)
         return cmd_load(args, args.checkpoint)
     except SatDistError as exc:
-        print(f"[rank {_rank_for_messages()}] {exc}", file=sys.stderr, flush=True)
-        return 1
+        _print_error(exc, _rank_for_messages())
+        return _failed(1)
+    except KeyboardInterrupt:
+        print(f"[rank {_rank_for_messages()}] interrupted (SIGINT); exiting", file=sys.stderr, flush=True)
+        return _failed(130)
+
+
+def _failed(code: int) -> int:
+    """Exit code of a failed command. Under MPI the process exits at once: MPI_Finalize (which
+    mpi4py runs at exit) waits for every rank, and a stopped or dead peer would hold it for ever."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _print_error(exc: SatDistError, rank: str) -> None:
+    """Rank 0 prints an agreed group error in full; the other ranks, which hold the same text, print
+    one line pointing to it (one SLURM log, not N copies). Errors not agreed are printed in full."""
+    text = str(exc)
+    if getattr(exc, "agreed", False) and rank not in ("0", "?"):
+        first = text.splitlines()[0] if text else type(exc).__name__
+        text = f"{first} (the same error on every rank; rank 0 prints it in full)"
+    sys.stderr.write(f"[rank {rank}] {text}\n")
+    sys.stderr.flush()
 
 
 def _rank_for_messages() -> str:

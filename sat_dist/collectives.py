@@ -5,18 +5,24 @@ the default group, the TP groups and the DP groups, then does two object all-gat
 final agreement), plus, when ranks share bytes, the exchange's signature all-gather and broadcasts.
 The TP forward collectives live with the models (`models/tp_ops.py`). The video engine adds its CFG
 pairs (two DP replicas) and their one all-gather per denoising step (`cfg_pair_group`, `all_gather_pair`).
+No wait on a peer is unbounded: collectives carry the group timeout, store calls run under `_bounded`,
+and each rank marks its arrival at every agreement point so a failure names who never came.
 """
 from __future__ import annotations
 
 import datetime
+import itertools
 import os
-from typing import Any, Optional
+import threading
+import time
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 
 from .errors import RendezvousError
 from .launch import LaunchInfo
+from .pause import pause_point
 from .runtime import Mesh, Runtime, pick_backend, pick_device
 
 
@@ -32,12 +38,13 @@ def setup(
     and left alone at the end; otherwise we create one and `teardown` destroys it.
     """
     mesh = Mesh(launch.world_size, tp)
+    pause_point("rendezvous", launch.rank)
     dev = pick_device(launch.local_rank, device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     backend = pick_backend(dev)
     timeout = datetime.timedelta(seconds=timeout_s)
-    owns = False
+    owns, store = False, None
     if not dist.is_initialized():
         owns = True
         if launch.world_size == 1 and launch.master_addr is None:
@@ -45,20 +52,7 @@ def setup(
         else:
             addr = launch.master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1")
             port = launch.master_port or int(os.environ.get("MASTER_PORT", "29500"))
-            try:
-                dist.init_process_group(
-                    backend,
-                    init_method=f"tcp://{addr}:{port}",
-                    rank=launch.rank,
-                    world_size=launch.world_size,
-                    timeout=timeout,
-                )
-            except Exception as exc:  # rendezvous failures are the first thing cluster users hit
-                raise RendezvousError(
-                    f"rank {launch.rank}: rendezvous with tcp://{addr}:{port} failed after at most "
-                    f"{timeout_s:.0f}s ({type(exc).__name__}: {exc}); check MASTER_ADDR/MASTER_PORT "
-                    f"and that the master node is reachable from {launch.launcher} rank {launch.rank}"
-                ) from exc
+            store = _rendezvous(launch, addr, port, backend, timeout_s)
     elif dist.get_world_size() != launch.world_size or dist.get_rank() != launch.rank:
         launch = LaunchInfo(
             launch.launcher, dist.get_rank(), launch.local_rank, dist.get_world_size(),
@@ -66,21 +60,29 @@ def setup(
         )
         mesh = Mesh(launch.world_size, tp)
     rt = Runtime(launch=launch, mesh=mesh, device=dev, owns_process_group=owns)
-    # new_group must be called by every rank for every group, in the same order.
-    for ranks in mesh.tp_groups():
-        group = dist.new_group(ranks, timeout=timeout) if mesh.tp > 1 else None
-        if launch.rank in ranks:
-            rt.tp_group = group
-    # DP groups (ranks with the same TP rank) carry the exchange's broadcasts (sat_dist.exchange).
-    for ranks in (list(range(t, mesh.world_size, mesh.tp)) for t in range(mesh.tp)):
-        group = dist.new_group(ranks, timeout=timeout) if mesh.dp > 1 else None
-        if launch.rank in ranks:
-            rt.dp_group = group
+    rt.store, rt.arrivals = store or _default_store(), f"sat_dist/{next(_LOADS)}"
+
+    def groups() -> None:  # new_group must be called by every rank for every group, in the same order.
+        for ranks in mesh.tp_groups():
+            group = dist.new_group(ranks, timeout=timeout) if mesh.tp > 1 else None
+            if launch.rank in ranks:
+                rt.tp_group = group
+        # DP groups (ranks with the same TP rank) carry the exchange's broadcasts (sat_dist.exchange).
+        for ranks in (list(range(t, mesh.world_size, mesh.tp)) for t in range(mesh.tp)):
+            group = dist.new_group(ranks, timeout=timeout) if mesh.dp > 1 else None
+            if launch.rank in ranks:
+                rt.dp_group = group
+    try:  # a store whose host stopped answers nothing: bounded, like every store wait here
+        _bounded(groups, timeout_s + 2, f"rank {launch.rank}: creating the TP and DP groups")
+    except BaseException:
+        teardown(rt)
+        raise
     return rt
 
 
 def teardown(rt: Runtime) -> None:
     """Destroy the process group if we created it (avoids gloo's abort-at-exit)."""
+    rt.store = None
     if rt.owns_process_group and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -134,3 +136,126 @@ def all_gather_pair(x: torch.Tensor, group) -> torch.Tensor:
     else:  # gloo: a list of views into `out`
         dist.all_gather(list(out.unbind(0)), x, group=group)
     return out
+
+
+# --- rendezvous and arrival checks ---------------------------------------------------------------
+# A c10d store answers nothing while the process hosting it is stopped (SIGSTOP, a hung NFS read):
+# every blocking store call runs in `_bounded`, so a rank never waits past its timeout. Each rank
+# marks its arrival at every agreement point (a `set`, which does not wait for an answer); after a
+# failed collective, the keys that are missing name the ranks that did not arrive.
+
+_LOADS = itertools.count()  # one arrival namespace per setup; every rank of a job counts alike
+
+
+def _bounded(fn: Callable[[], Any], seconds: float, what: str) -> Any:
+    """`fn()` in a daemon thread; RendezvousError if it has not returned within `seconds`."""
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # re-raised in the caller's thread
+            box["error"] = exc
+    th = threading.Thread(target=run, name="sat_dist-store", daemon=True)
+    th.start()
+    th.join(seconds)
+    if th.is_alive():
+        raise RendezvousError(f"{what} did not finish within {seconds:.0f}s: the rendezvous store did not answer "
+                              f"(its host, rank 0 or the launcher's agent, is stopped or hung)")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def _default_store() -> Any:
+    """The store of a process group the caller created (None if torch does not expose it)."""
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:
+        return None
+
+
+def _rendezvous(launch: LaunchInfo, addr: str, port: int, backend: str, timeout_s: float) -> Any:
+    """Create the default process group through a store on which every rank marks its arrival, so
+    a rank that never comes is named. Under torchrun the agent hosts the store (as torch's own
+    tcp:// rendezvous does when TORCHELASTIC_USE_AGENT_STORE is set); otherwise rank 0 does."""
+    rank, world = launch.rank, launch.world_size
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    host = "the torchrun agent of node 0" if agent else f"rank 0 ({launch.launcher})"
+    where = f"tcp://{addr}:{port}"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    deadline = time.monotonic() + timeout_s
+    try:
+        store = _bounded(lambda: dist.TCPStore(addr, port, world, is_master=rank == 0 and not agent, timeout=timeout,
+                                               wait_for_workers=False, multi_tenant=not agent),
+                         timeout_s + 1, f"rank {rank}: connecting to the store at {where}")
+    except Exception as exc:  # rendezvous failures are the first thing cluster users hit
+        raise RendezvousError(
+            f"rank {rank}: cannot reach the rendezvous store at {where}, hosted by {host}, within {timeout_s:.0f}s "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); check that it started, MASTER_ADDR/MASTER_PORT, "
+            f"and that the address is reachable from {launch.launcher} rank {rank}"
+        ) from exc
+    prefix = f"sat_dist/{next(_LOADS)}/rendezvous"
+    arrived = False
+    try:
+        arrived = _bounded(lambda: _arrive_all(store, prefix, rank, world, timeout), timeout_s + 1,
+                           f"rank {rank}: the rendezvous at {where}")
+    except RendezvousError:
+        raise
+    except Exception:
+        arrived = False
+    if not arrived:
+        missing = missing_ranks(store, prefix, world, 0.0)
+        who = f"rank(s) {missing}" if missing else f"{host} (the store) or some rank"
+        raise RendezvousError(
+            f"rank {rank}: {who} of {world} did not join the rendezvous at {where} within {timeout_s:.0f}s (dead, "
+            f"stopped, or never started): check that every rank started (`sat-dist env` on each) and reaches {addr}")
+    left = max(deadline - time.monotonic(), 1.0)
+    _bounded(lambda: dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store), rank=rank,
+                                             world_size=world, timeout=timeout), left + 2,
+             f"rank {rank}: joining the process group at {where}")
+    return store
+
+
+def _arrive_all(store: Any, prefix: str, rank: int, world: int, timeout: datetime.timedelta) -> bool:
+    store.set(f"{prefix}/{rank}", "1")
+    if store.add(f"{prefix}/count", 1) == world:
+        store.set(f"{prefix}/all", "1")
+    try:
+        store.wait([f"{prefix}/all"], timeout)
+    except Exception:  # the store's timeout: someone did not come
+        return False
+    return True
+
+
+def mark_arrival(rt: Runtime, phase: str) -> None:
+    """Record in the store that this rank reached agreement point `phase` (never blocks)."""
+    if rt.store is not None:
+        try:
+            rt.store.set(f"{rt.arrivals}/{phase}/{rt.rank}", "1")
+        except Exception:  # the store is gone: the collective that follows fails and says so
+            pass
+
+
+def missing_ranks(store: Any, prefix: str, world: int, grace_s: float) -> Optional[list[int]]:
+    """Ranks whose arrival key under `prefix` is missing, waiting up to `grace_s` for stragglers;
+    None when the store does not answer within a few seconds."""
+    if store is None:
+        return None
+
+    def probe() -> list[int]:
+        end = time.monotonic() + grace_s
+        while True:
+            missing = [r for r in range(world) if not store.check([f"{prefix}/{r}"])]
+            if not missing or time.monotonic() >= end:
+                return missing
+            time.sleep(0.1)
+    try:
+        return _bounded(probe, grace_s + 2, "the arrival check")
+    except Exception:
+        return None
+
+
+def not_arrived(rt: Runtime, phase: str, grace_s: float) -> Optional[list[int]]:
+    """The ranks that have not reached agreement point `phase` (None: the store did not answer)."""
+    return missing_ranks(rt.store, f"{rt.arrivals}/{phase}", rt.world_size, grace_s)

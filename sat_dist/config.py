@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from . import formats
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .models import FAMILIES
 
 DTYPES = {
@@ -51,8 +51,9 @@ class LoadConfig:
     report: Optional[str] = None
     exchange: str = "auto"  # auto: ranks needing the same bytes split the reads and broadcast; off: each reads all
     digest: Optional[bool] = None  # SHA-256 state-dict digest in the report; None: only when a report file is written
-    readers: int = 4  # reader threads per rank
+    readers: Optional[int] = None  # reader threads per rank; None: this rank's share of the cores, 1..4
     progress: Optional[bool] = None  # rank 0's progress bar; None: on a TTY (shown for loads past ~2 s)
+    verify: Any = False  # --verify: True = check reads against the checkpoint's manifest; a str = that manifest
 
     @property
     def torch_dtype(self) -> Optional[torch.dtype]:
@@ -66,7 +67,7 @@ def _to_container(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
 
 
-def build_model_config(model: dict) -> Any:
+def build_model_config(model: dict, hint: str = "no model_config.json in the checkpoint and no --config?") -> Any:
     """The model_class's family schema from a merged dict: unknown, unsupported and missing keys
     are errors that name them."""
     model = dict(model)
@@ -87,7 +88,7 @@ def build_model_config(model: dict) -> Any:
     missing = [f.name for f in dataclasses.fields(cls)
                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in model]
     if missing:
-        raise ConfigError(f"model config is missing {missing} (no model_config.json in the checkpoint and no --config?)")
+        raise ConfigError(f"model config is missing {missing} ({hint})")
     cfg = cls(**model)
     cfg.validate()
     return cfg
@@ -140,24 +141,35 @@ def resolve(
 
     sources: list = []
     ckpt = load.get("checkpoint")
-    if ckpt and os.path.exists(ckpt):
-        sources.append(formats.model_config(ckpt) or {})
+    carried = formats.model_config(ckpt) if ckpt and os.path.exists(ckpt) else None
+    sources.append(carried or {})
     sources += [merged.get("model") or {}, dot.get("model") or {}]
     try:  # deep merge: an override of one nested key (transformer_args.x) keeps its siblings
         model = _to_container(OmegaConf.merge(*(OmegaConf.create(src) for src in sources)))
     except Exception as exc:
         raise ConfigError(f"cannot merge the model config sources (model_config.json, --config, overrides): "
                           f"{exc}") from exc
-    cfg = LoadConfig(model=build_model_config(model), **load)
+    hint = (f"{ckpt} carries no model config (SAT writes model_config.json beside 'latest'), and no --config or "
+            f"model.KEY=VALUE gives them" if ckpt and not carried else "no --config or model.KEY=VALUE gives them")
+    try:
+        model_cfg = build_model_config(model, hint)
+    except ConfigError:
+        if ckpt and not os.path.exists(ckpt):  # the real problem: say so, not that its model config is missing
+            raise CheckpointError(f"checkpoint path {ckpt} does not exist (check the path, and that it is "
+                                  f"visible from this node)") from None
+        raise
+    cfg = LoadConfig(model=model_cfg, **load)
     if cfg.tp < 1:
         raise ConfigError(f"--tp must be >= 1, got {cfg.tp}")
     parse_dtype(cfg.dtype)
+    if not isinstance(cfg.verify, (bool, str)):
+        raise ConfigError(f"load.verify must be true/false or a manifest path, got {cfg.verify!r}")
     if cfg.weights not in ("auto", "module", "fp32"):
         raise ConfigError(f"--weights must be auto, module or fp32, got {cfg.weights!r}")
     if isinstance(cfg.exchange, bool):  # YAML reads a bare `off` / `on` as a boolean
         cfg.exchange = "auto" if cfg.exchange else "off"
     if cfg.exchange not in ("auto", "off"):
         raise ConfigError(f"--exchange must be auto or off, got {cfg.exchange!r}")
-    if cfg.readers < 1:
+    if cfg.readers is not None and cfg.readers < 1:
         raise ConfigError(f"load.readers must be >= 1, got {cfg.readers}")
     return cfg

@@ -27,11 +27,14 @@ class RendezvousError(SatDistError):
 
 
 class GroupLoadError(SatDistError):
-    """Raised identically on every rank when any rank failed."""
+    """Raised identically on every rank when any rank failed (`agreed`), or on a rank that could not
+    reach its peers (`agreed` False: each survivor names the rank(s) that did not arrive)."""
 
-    def __init__(self, message: str, failures: dict):
+    def __init__(self, message: str, failures: dict, phase: str = "", agreed: bool = True):
         super().__init__(message)
         self.failures = failures  # rank -> "ErrorType: message"
+        self.phase = phase
+        self.agreed = agreed
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -41,3 +44,12 @@ class UnsafeCheckpointError(CheckpointError):
 class MalformedCheckpointError(CheckpointError):
     """A file's own structure is invalid (a safetensors header that is not what the format allows):
     refused while validating the header, before anything is sized by it."""
+
+
+class IntegrityError(CheckpointError):
+    """`--verify`: a file's bytes do not match its manifest (a flipped bit, a truncated or replaced
+    file), or there is no usable manifest; names the file and the block."""
+
+
+class InterruptedLoadError(SatDistError):
+    """The load was interrupted (SIGINT/Ctrl-C) on this rank."""

@@ -16,13 +16,16 @@ from torch import nn
 from . import collectives as C
 from . import exchange
 from . import formats
-from .agree import RankStatus, agree_loaded, agree_phase, describe, finalize, local_status
+from .agree import (RankStatus, agree_loaded, agree_phase, agree_tags, describe, finalize, local_status, plan_dtypes,
+                    write_error_report)
 from .config import LoadConfig, resolve
-from .errors import ConfigError, GroupLoadError
-from .materialize import materialize, staging_slots
+from .errors import ConfigError, GroupLoadError, SatDistError
+from .integrity import verify_load
+from .materialize import materialize, pick_readers, staging_slots
 from .formats.base import IndexRequest
 from .launch import detect_launch
 from .models import TPInfo, build_meta_model, check_tp, collect_specs
+from .pause import pause_point
 from .plan import make_plan
 from .report import LoadReport, Progress, RankReport, fingerprints, peak_rss_bytes, state_dict_digest
 from .runtime import Runtime
@@ -44,6 +47,7 @@ def load_model(
     digest: Optional[bool] = None,
     exchange: Optional[str] = None,
     progress: Optional[bool] = None,
+    verify: Union[bool, str, None] = None,
 ):
     """Load a checkpoint tensor-parallel on every rank of the job (torchrun/SLURM/MPI or single).
 
@@ -51,23 +55,39 @@ def load_model(
     `return_report=True`, `(module, LoadReport)`. The process group stays up for the forward;
     `sat_dist.shutdown()` destroys it if sat_dist created it. `digest`: put the SHA-256 state-dict
     digest in the report (default: only when `report` names a file to write); `exchange`: auto|off
-    (ranks that need the same bytes split the reads); `progress`: rank 0's bar (default: on a TTY).
+    (ranks that need the same bytes split the reads); `progress`: rank 0's bar (default: on a TTY);
+    `verify`: check every block this rank reads against the checkpoint's manifest (True) or the one at
+    that path (integrity.py). On failure, a `report` file gets status "error", the ranks and causes.
     """
     t0 = time.perf_counter()
     files = [config] if isinstance(config, str) else list(config or [])
-    cfg = resolve(checkpoint, files, overrides, tp=tp, dtype=dtype, device=device, report=report,
-                  tag=tag, timeout_s=timeout_s, weights=weights, digest=digest, exchange=exchange,
-                  progress=progress)
-    if not cfg.checkpoint:
-        raise ConfigError("no checkpoint given: pass a path (or load.checkpoint in a config)")
-    rt = C.setup(detect_launch(), cfg.tp, cfg.device, cfg.timeout_s)
+    cfg = rt = None
     try:
+        cfg = resolve(checkpoint, files, overrides, tp=tp, dtype=dtype, device=device, report=report,
+                      tag=tag, timeout_s=timeout_s, weights=weights, digest=digest, exchange=exchange,
+                      progress=progress, verify=verify)
+        if not cfg.checkpoint:
+            raise ConfigError("no checkpoint given: pass a path (or load.checkpoint in a config)")
+        rt = C.setup(detect_launch(), cfg.tp, cfg.device, cfg.timeout_s)
         model, rep = load_with_runtime(rt, cfg, t0)
-    except BaseException:
-        C.teardown(rt)
+    except BaseException as exc:
+        if rt is not None:
+            C.teardown(rt)
+        if isinstance(exc, SatDistError):  # rank 0 writes the report: status "error", the ranks and causes
+            who = (rt.rank, rt.world_size) if rt is not None else launch_rank()
+            write_error_report(cfg.report if cfg else report, exc, cfg.checkpoint if cfg else checkpoint, *who)
         raise
     keep_runtime(rt)
     return (model, rep) if return_report else model
+
+
+def launch_rank() -> tuple[int, Optional[int]]:
+    """(rank, world size) from the launcher's environment, for a failure before the group formed."""
+    try:
+        launch = detect_launch()
+        return launch.rank, launch.world_size
+    except Exception:
+        return -1, None
 
 
 _RUNTIMES: list[Runtime] = []
@@ -97,14 +117,16 @@ def load_components(rt: Runtime, cfgs: Sequence[LoadConfig], t0: Optional[float]
     t0 = time.perf_counter() if t0 is None else t0
     names = list(names) or [f"component {i}" for i in range(len(cfgs))]
     timeout = max(c.timeout_s for c in cfgs)
-    err: Optional[BaseException] = None
+    cfgs, err = agree_tags(rt, cfgs, timeout)  # each `latest` read once, by rank 0
     planned: list = []
     try:
+        if err:
+            raise err
         for name, cfg in zip(names, cfgs):
             planned.append(_plan_component(rt, cfg, name if len(cfgs) > 1 else ""))
     except Exception as exc:  # reported to every rank below, never swallowed
         err = exc
-    agree_phase(rt, "plan", err, timeout)
+    agree_phase(rt, "plan", err, timeout, None if err else plan_dtypes([p for _, _, p in planned]))
 
     try:
         parts = [_load_component(rt, cfg, model, specs, plan, t0) for cfg, (model, specs, plan) in zip(cfgs, planned)]
@@ -129,6 +151,7 @@ def load_components(rt: Runtime, cfgs: Sequence[LoadConfig], t0: Optional[float]
 
 def _plan_component(rt: Runtime, cfg: LoadConfig, name: str):
     try:
+        pause_point("index", rt.rank)
         check_tp(cfg.model, rt.tp)
         model = build_meta_model(cfg.model, TPInfo(rt.tp, rt.tp_rank, rt.tp_group))
         specs = collect_specs(model)
@@ -139,7 +162,8 @@ def _plan_component(rt: Runtime, cfg: LoadConfig, name: str):
         specs = {n: s for n, s in specs.items() if n not in index.meta.get("absent", {})}
         # No --dtype: the reader's default (bf16 for a bf16 DeepSpeed run's fp32 masters), else as stored.
         dtype = cfg.torch_dtype or index.meta.get("default_dtype")
-        op_bytes = (cfg.staging_mib << 20) // staging_slots(cfg.readers)  # the staging budget, all buffers
+        readers = pick_readers(cfg.readers, rt.launch.local_world_size)
+        op_bytes = (cfg.staging_mib << 20) // staging_slots(readers)  # the staging budget, all buffers
         return model, specs, make_plan(specs, rt.tp, rt.tp_rank, index, dtype, prefer, op_bytes)
     except Exception as exc:
         if not name:
@@ -153,11 +177,15 @@ def _plan_component(rt: Runtime, cfg: LoadConfig, name: str):
 
 def _load_component(rt: Runtime, cfg: LoadConfig, model: nn.Module, specs: dict, plan, t0: float) -> RankStatus:
     share = exchange.plan_exchange(rt, plan, cfg.exchange)
+    pause_point("read", rt.rank)
+    if cfg.verify:  # the blocks under this rank's own reads; what it receives, its sender verified
+        verify_load(plan, cfg.checkpoint, cfg.verify if isinstance(cfg.verify, str) else None, share.read)
     show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
     own = sum(op.nbytes for op in plan.ops if op.name in share.read)
     bar = Progress(show and rt.rank == 0, own, rt.world_size)
     try:
-        tensors, stats = materialize(plan, rt.device, share.read, cfg.readers, bar.update)
+        tensors, stats = materialize(plan, rt.device, share.read, pick_readers(cfg.readers, rt.launch.local_world_size),
+                                     bar.update)
     finally:
         bar.close()
     received = exchange.run(rt, share, tensors, cfg.timeout_s)

@@ -28,7 +28,15 @@ import torch
 from .errors import CheckpointError
 from .plan import CopyOp, ReadPlan
 
-READERS = 4  # reader threads per rank
+READERS = 4  # reader threads per rank, at most (by default)
+
+
+def pick_readers(requested: Optional[int], local_ranks: int) -> int:
+    """`requested`, else this rank's share of the host's cores, between 1 and READERS: page-cache
+    reads are memory copies, and more threads than cores only contend."""
+    if requested:
+        return requested
+    return max(1, min(READERS, (os.cpu_count() or 1) // max(1, local_ranks)))
 
 
 def staging_slots(readers: int = READERS) -> int:

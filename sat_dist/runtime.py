@@ -72,6 +72,8 @@ class Runtime:
     tp_group: object = None  # torch.distributed.ProcessGroup, set by collectives.setup
     dp_group: object = None  # this rank's DP group (same TP rank), set by collectives.setup; None if dp == 1
     owns_process_group: bool = False
+    store: object = None  # the c10d store, for arrival checks (collectives.mark_arrival / not_arrived)
+    arrivals: str = ""  # this load's namespace of arrival keys in `store`
 
     @property
     def rank(self) -> int:

@@ -51,8 +51,9 @@ def test_latest_names_missing_iteration(ckpt):
 
 def test_missing_mp_rank_file(ckpt):
     os.remove(os.path.join(ckpt, "1000", "mp_rank_01_model_states.pt"))
-    # model_config.json says 2, the folder has 1: both ranks refuse, naming the mismatch
-    same_error_everywhere(run_ranks(2, _load, ckpt, 2), "model_parallel_size=2", "1 mp_rank files")
+    # model_config.json says 2, the folder has 1: both ranks refuse, naming the missing file
+    same_error_everywhere(run_ranks(2, _load, ckpt, 2), "missing ['mp_rank_01_model_states.pt']",
+                          "found 1 of 2", "model_parallel_size=2")
     os.remove(os.path.join(ckpt, "model_config.json"))
     os.rename(os.path.join(ckpt, "1000", "mp_rank_00_model_states.pt"),
               os.path.join(ckpt, "1000", "mp_rank_02_model_states.pt"))

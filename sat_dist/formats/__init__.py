@@ -34,9 +34,41 @@ def reader_for(path: str, tag: Optional[str] = None) -> ModuleType:
     )
 
 
+def latest_tag(path: str) -> Optional[str]:
+    """The tag `<path>/latest` names, for the readers that resolve it (SAT, DeepSpeed); None when
+    there is no `latest` or the reader does not use it. The loader reads it once, on rank 0, and
+    every rank indexes that tag. A tag is one folder name: anything else is refused."""
+    latest = os.path.join(path, "latest")
+    if not os.path.isfile(latest) or reader_for(path, None) not in (deepspeed, sat):
+        return None
+    try:
+        with open(latest, "rb") as f:
+            raw = f.read(4097)
+        tag = raw.decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"cannot read {latest}: {exc}; it must hold an iteration number or 'release'") from exc
+    if not tag:
+        raise CheckpointError(f"{latest} is empty; it must hold an iteration number or 'release' (pass --tag to pick one)")
+    if len(raw) > 4096 or "/" in tag or "\\" in tag or tag in (".", "..") or any(c in tag for c in "\0\n\r"):
+        raise CheckpointError(f"{latest} holds {tag[:80]!r}, which is not one folder name inside {path}; it must hold "
+                              f"an iteration number or 'release' (pass --tag to pick one)")
+    return tag
+
+
+# What a reader's own checks miss in a damaged or crafted file surfaces as one of these (a pickled
+# value of the wrong type, a missing key, a number out of range): still a named CheckpointError.
+MALFORMED = (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError, RecursionError)
+
+
 def open_index(req: IndexRequest) -> tuple[CheckpointIndex, list[str]]:
     """Index only the files this rank needs: (index, files in the order to prefer them)."""
-    return reader_for(req.path, req.tag).index(req)
+    reader = reader_for(req.path, req.tag)
+    try:
+        return reader.index(req)
+    except MALFORMED as exc:
+        raise CheckpointError(f"{req.path}: the {reader.NAME} checkpoint holds a value sat_dist cannot use "
+                              f"({type(exc).__name__}: {exc}); the files are damaged or were crafted: copy them "
+                              f"again") from exc
 
 
 def describe(path: str, tag: Optional[str] = None) -> dict:
@@ -65,4 +97,4 @@ def render(info: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["READERS", "IndexRequest", "describe", "model_config", "open_index", "reader_for", "render"]
+__all__ = ["READERS", "IndexRequest", "describe", "latest_tag", "model_config", "open_index", "reader_for", "render"]

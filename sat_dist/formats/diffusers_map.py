@@ -21,6 +21,10 @@ tools/convert_weight_sat2hf.py (SAT -> diffusers; read here backwards), checked 
 - not stored by diffusers: the v1.0 RoPE tables `freqs_sin/cos` and the unused
   `transformer.position_embeddings` (the script removes them), and 2B's sincos `pos_embedding`
   (a non-persistent buffer in diffusers); the DiT computes all of them itself (`if_absent`).
+
+The config goes both ways: `sat_model_config` (config.json -> SAT layout, for loading) and its
+inverse `diffusers_config` (SAT layout -> config.json, for `sat-dist convert --to diffusers`, whose
+writer reads `sources()` forwards).
 """
 from __future__ import annotations
 

@@ -59,19 +59,23 @@ def discover(root: str, tag: Optional[str] = None) -> SatCheckpoint:
             )
     iter_dir = os.path.normpath(os.path.join(root, tag))
     if not os.path.isdir(iter_dir):
-        raise CheckpointError(f"{root}/latest names {tag!r} but {iter_dir} does not exist")
+        raise CheckpointError(f"{root}: the tag {tag!r} (from {root}/latest or --tag) names {iter_dir}, which does not "
+                              f"exist; fix 'latest' or pass --tag with an existing iteration folder")
     ranks = {}
     for name in os.listdir(iter_dir):
         m = MP_FILE.match(name)
         if m:
             ranks[int(m.group(1))] = os.path.join(iter_dir, name)
+    saved = _saved_mp_size(root)
     if not ranks:
-        raise CheckpointError(f"{iter_dir} holds no mp_rank_XX_model_states.pt file")
-    n = max(ranks) + 1
+        raise CheckpointError(f"{iter_dir} holds no mp_rank_XX_model_states.pt file"
+                              + (f" (model_config.json says model_parallel_size={saved})" if saved else ""))
+    n = max(max(ranks) + 1, saved or 0)
     missing = [f"mp_rank_{r:02d}_model_states.pt" for r in range(n) if r not in ranks]
     if missing:
+        said = f"; {root}/model_config.json says model_parallel_size={saved}" if saved else ""
         raise CheckpointError(
-            f"{iter_dir} is missing {missing} (found {len(ranks)} of {n} model-parallel files); "
+            f"{iter_dir} is missing {missing} (found {len(ranks)} of {n} model-parallel files{said}); "
             f"copy the missing file(s) from the training run"
         )
     ckpt = SatCheckpoint(root, tag, iter_dir, tuple(ranks[r] for r in range(n)))
@@ -83,9 +87,19 @@ def discover(root: str, tag: Optional[str] = None) -> SatCheckpoint:
 model_config = folder_model_config
 
 
+def _saved_mp_size(root: str) -> Optional[int]:
+    """`model_parallel_size` from the folder's model_config.json (None when it does not say)."""
+    saved = (model_config(root) or {}).get("model_parallel_size")
+    if saved is None:
+        return None
+    if type(saved) is not int or saved < 1:
+        raise CheckpointError(f"{root}/model_config.json: model_parallel_size={saved!r} is not a positive integer")
+    return saved
+
+
 def _check_model_config(ckpt: SatCheckpoint) -> None:
-    saved = (model_config(ckpt.root) or {}).get("model_parallel_size")
-    if saved is not None and int(saved) != ckpt.mp_size:
+    saved = _saved_mp_size(ckpt.root)
+    if saved is not None and saved != ckpt.mp_size:
         raise CheckpointError(
             f"{ckpt.root}/model_config.json says model_parallel_size={saved} but {ckpt.iter_dir} holds "
             f"{ckpt.mp_size} mp_rank files; the folder is incomplete or mixes two runs"

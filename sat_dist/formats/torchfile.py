@@ -96,15 +96,38 @@ def _attach_offsets(path: str, obj: Any) -> None:
     lowest = min(ptrs)
     for candidate in sorted(records):  # the lowest pointer is one of the records: find which
         base = lowest - candidate
-        if all(records.get(p - base) == n for p, n in ptrs.items()):
+        if all(p - base in records for p in ptrs):
             break
     else:
         raise CheckpointError(
             f"{path}: cannot map its tensors to byte offsets (storages do not match the zip's data "
             f"records); this torch version's loader is not supported by sat_dist"
         )
+    for p, n in sorted(ptrs.items()):
+        if records[p - base] != n:
+            raise CheckpointError(
+                f"{path}: the storage at byte {p - base} holds {n} bytes by data.pkl but its zip record holds "
+                f"{records[p - base]}: the file is corrupt or was edited; copy it again"
+            )
     for t in tensors:
         t._sat_dist_offset = t.untyped_storage().data_ptr() - base + t.storage_offset() * t.element_size()
+
+
+def _not_zip(path: str) -> CheckpointError:
+    """Why `path` is not a torch zip: legacy torch serialization (a bare pickle, refused: sat_dist
+    reads byte ranges of zip records), a damaged zip, or not a torch file at all."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:1] == b"\x80":  # pickle protocol 2+: torch.save(..., _use_new_zipfile_serialization=False)
+        return CheckpointError(
+            f"{path} uses torch's legacy (pre-1.6, non-zip) serialization, which sat_dist does not read: it "
+            f"reads byte ranges of the zip format. Convert it once, where the file is trusted: python -c \"import "
+            f"torch, sys; torch.save(torch.load(sys.argv[1], weights_only=True), sys.argv[2])\" OLD.pt NEW.pt")
+    if head == b"PK\x03\x04":
+        return CheckpointError(f"{path} is a damaged zip (no end-of-central-directory record: truncated or "
+                               f"overwritten); copy it again")
+    return CheckpointError(f"{path} is not a torch checkpoint (it starts with bytes {head!r}, not a zip); "
+                           f"copy it again, or pass the right file")
 
 
 def load_structure(path: str) -> Any:
@@ -112,11 +135,12 @@ def load_structure(path: str) -> Any:
     raises CheckpointError naming the file and any disallowed global."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file {path} does not exist")
-    if not zipfile.is_zipfile(path):
-        raise CheckpointError(
-            f"{path} is not a torch zip checkpoint (legacy serialization or truncated/corrupt file); "
-            f"sat_dist reads byte ranges and needs torch.save's default zip format: re-save it with torch.save"
-        )
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except Exception:  # zipfile raises BadZipFile, not False, for some damaged end records
+        is_zip = False
+    if not is_zip:
+        raise _not_zip(path)
     _refuse_unknown_globals(path)
     try:
         with torch.serialization.safe_globals(allowed_globals()):
@@ -124,8 +148,16 @@ def load_structure(path: str) -> Any:
     except pickle.UnpicklingError as exc:  # torch's restricted unpickler refused what the scan allowed
         raise UnsafeCheckpointError(f"{path}: torch's weights_only unpickler refused it: {exc}") from exc
     except Exception as exc:
-        raise CheckpointError(f"cannot read the structure of {path}: {type(exc).__name__}: {exc}") from exc
-    _attach_offsets(path, obj)
+        raise CheckpointError(f"cannot read the structure of {path}: {type(exc).__name__}: {exc}; its data.pkl "
+                              f"describes tensors its zip records do not hold (the file is damaged, or was "
+                              f"crafted): copy it again") from exc
+    try:
+        _attach_offsets(path, obj)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # zipfile / torch's zip reader on a damaged directory
+        raise CheckpointError(f"{path}: its zip directory cannot be read ({type(exc).__name__}: {exc}); the file is "
+                              f"damaged: copy it again") from exc
     return obj
 
 

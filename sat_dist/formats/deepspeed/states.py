@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import torch
 
 from ...errors import CheckpointError, UnsafeCheckpointError
+from ..ds_pickle import ZeroStageEnum
 from ..torchfile import load_structure
 from .discovery import DeepSpeedCheckpoint
 
@@ -25,7 +26,7 @@ def load(path: str, what: str) -> dict:
     except CheckpointError as exc:
         hint = "" if isinstance(exc, UnsafeCheckpointError) else \
             "; if the file is truncated or corrupt, copy it again from the training run"
-        raise CheckpointError(f"{what}: {exc}{hint}") from exc
+        raise type(exc)(f"{what}: {exc}{hint}") from exc  # keeps UnsafeCheckpointError named
     if not isinstance(obj, dict):
         raise CheckpointError(f"{what} {path} holds a {type(obj).__name__}, not a DeepSpeed checkpoint dict; "
                               f"pass the folder of a DeepSpeed save (the one holding 'latest')")
@@ -50,6 +51,9 @@ def stage_of(osd: Mapping, path: str) -> int:
             return 1
         raise CheckpointError(f"{path}: no 'zero_stage' and no fp32 partitions: not a ZeRO optimizer file; "
                               f"load the module weights instead (--weights module)")
+    if type(stage) is not int and not isinstance(stage, ZeroStageEnum):
+        raise CheckpointError(f"{path}: zero_stage={stage!r} is not a ZeRO stage: the file is damaged or not a "
+                              f"DeepSpeed optimizer file")
     stage = int(stage)
     if stage not in (1, 2, 3):
         raise CheckpointError(f"{path}: zero_stage={stage} has no fp32 partitions to read; load the module "
@@ -77,10 +81,13 @@ def check_dp(path: str, key: str, value: Any, dp: int, tag_dir: str) -> None:
         raise CheckpointError(f"{path}: {key}={value!r} is not a data-parallel size; the file is not a complete "
                               f"DeepSpeed save: copy this tag's files again from the training run")
     if max(counts) != dp:
+        gone = list(range(dp, max(counts)))
+        named = (f" (missing: the files of dp rank(s) {gone[:8]}, *zero_pp_rank_{gone[0]}_mp_rank_XX_*_states.pt"
+                 f"{' ...' if len(gone) > 1 else ''})" if gone else "")
         raise CheckpointError(
             f"{path} says {key}={max(counts)} (the data-parallel size it was saved with) but {tag_dir} holds {dp} "
-            f"optimizer partition file(s) per model-parallel rank: partition files are missing or left over from "
-            f"another run; restore exactly the files of one save"
+            f"optimizer partition file(s) per model-parallel rank{named}: partition files are missing or left over "
+            f"from another run; restore exactly the files of one save"
         )
     if min(counts) != dp:
         raise CheckpointError(
