@@ -115,7 +115,7 @@ def _weights(path: str) -> tuple[safetensors.Source, dict[str, str], list[str], 
     """(source, tensor name -> file, all files, headers read so far): a sharded folder's map comes
     from the index alone, a single file's from its header."""
     src = _source(path)
-    where, files = safetensors._shards(src)
+    where, files = safetensors.shard_map(src)
     headers: dict[str, SafetensorsFile] = {}
     if src.file:
         headers[src.file] = read_header(src.file)
@@ -143,7 +143,7 @@ def index(req: IndexRequest) -> tuple[CheckpointIndex, list[str]]:
     if req.weights == "fp32":
         raise ConfigError(f"--weights fp32 selects DeepSpeed ZeRO fp32 master partitions, but {req.path} is a "
                           f"HF T5 folder holding only the weights; drop --weights")
-    safetensors._no_tag(req.path, req.tag)
+    safetensors.refuse_tag(req.path, req.tag)
     _config(req.path)
     src, where, files, headers = _weights(req.path)
     named_in = src.index_json or src.file

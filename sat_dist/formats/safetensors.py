@@ -80,13 +80,13 @@ def locate(path: str) -> Source:
     raise CheckpointError(f"{path} is neither a *{SUFFIX} file nor a *{INDEX_SUFFIX}")
 
 
-def _no_tag(path: str, tag: Optional[str]) -> None:
+def refuse_tag(path: str, tag: Optional[str]) -> None:
     if tag is not None:
         raise ConfigError(f"--tag {tag!r} picks an iteration folder of a SAT or DeepSpeed checkpoint, but {path} is "
                           f"a safetensors checkpoint, which has none; drop --tag")
 
 
-def _shards(src: Source) -> tuple[dict[str, str], list[str]]:
+def shard_map(src: Source) -> tuple[dict[str, str], list[str]]:
     """(tensor name -> file, files in order) from the index alone, or the one file's header."""
     if src.file:
         return {}, [src.file]
@@ -99,9 +99,9 @@ def index(req: IndexRequest) -> tuple[CheckpointIndex, list[str]]:
     if req.weights == "fp32":
         raise ConfigError(f"--weights fp32 selects DeepSpeed ZeRO fp32 master partitions, but {req.path} is a "
                           f"safetensors checkpoint holding only the weights; drop --weights")
-    _no_tag(req.path, req.tag)
+    refuse_tag(req.path, req.tag)
     src = locate(req.path)
-    where, files = _shards(src)
+    where, files = shard_map(src)
     headers: dict[str, SafetensorsFile] = {}
     if src.file:
         headers[src.file] = read_header(src.file)
@@ -156,7 +156,7 @@ def model_config(path: str) -> Optional[dict]:
     """The model config the checkpoint carries: header metadata (sharded: the first shard's), else
     `model_config.json` beside the file or index, else None."""
     src = locate(path)
-    _, files = _shards(src)
+    _, files = shard_map(src)
     if files:
         cfg = _config_from_metadata(files[0], read_header(files[0]).metadata)
         if cfg is not None:
@@ -166,9 +166,9 @@ def model_config(path: str) -> Optional[dict]:
 
 def describe(path: str, tag: Optional[str] = None) -> dict:
     """Tensors, dtypes, bytes and metadata keys of every file, from the headers only."""
-    _no_tag(path, tag)
+    refuse_tag(path, tag)
     src = locate(path)
-    where, files = _shards(src)
+    where, files = shard_map(src)
     headers = [read_header(f) for f in files]
     rows, dtypes, keys, tensors, data = [], set(), set(), 0, 0
     for h in headers:
