@@ -54,22 +54,7 @@ def _gather(rt: Runtime, obj: Any, phase: str, timeout_s: float) -> list:
     try:
         return C.all_gather_objects(obj)
     except Exception as exc:
-        waited = time.monotonic() - t0
-        # A fast failure is a broken connection (a peer died): give live stragglers a moment to arrive.
-        missing = C.not_arrived(rt, phase, 0.0 if waited >= 0.9 * timeout_s else min(3.0, timeout_s))
-        if missing:
-            who = f"rank(s) {missing} did not reach it (dead, stopped or hung)"
-        elif missing is None:
-            who = ("no rank can be named: the store that records arrivals did not answer either, so its host "
-                   "(rank 0, or the launcher's agent under torchrun) is stopped, hung or dead")
-        else:
-            who = "every rank reached it, then a peer's connection broke (a rank died or was interrupted)"
-        cause = (str(exc).strip().splitlines() or [""])[0][:300]
-        raise GroupLoadError(
-            f"sat_dist: rank {rt.rank} could not reach its peers during '{phase}' after {waited:.1f}s: {who}; "
-            f"--timeout is {timeout_s:.0f}s. Cause: {type(exc).__name__}: {cause}",
-            {r: f"did not reach '{phase}'" for r in missing or []}, phase, agreed=False,
-        ) from exc
+        raise C.unreachable(rt, phase, exc, time.monotonic() - t0, timeout_s) from exc
 
 
 def _raise(statuses: list[RankStatus], phase: str, problems: dict[int, str]) -> None:

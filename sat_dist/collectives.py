@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from .errors import RendezvousError
+from .errors import GroupLoadError, RendezvousError
 from .launch import LaunchInfo
 from .pause import pause_point
 from .runtime import Mesh, Runtime, pick_backend, pick_device
@@ -52,7 +52,7 @@ def setup(
         else:
             addr = launch.master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1")
             port = launch.master_port or int(os.environ.get("MASTER_PORT", "29500"))
-            store = _rendezvous(launch, addr, port, backend, timeout_s)
+            store = _rendezvous(launch, addr, port, backend, timeout_s, dev)
     elif dist.get_world_size() != launch.world_size or dist.get_rank() != launch.rank:
         launch = LaunchInfo(
             launch.launcher, dist.get_rank(), launch.local_rank, dist.get_world_size(),
@@ -73,7 +73,7 @@ def setup(
             if launch.rank in ranks:
                 rt.dp_group = group
     try:  # a store whose host stopped answers nothing: bounded, like every store wait here
-        _bounded(groups, timeout_s + 2, f"rank {launch.rank}: creating the TP and DP groups")
+        _bounded(groups, timeout_s + 2, f"rank {launch.rank}: creating the TP and DP groups", dev)
     except BaseException:
         teardown(rt)
         raise
@@ -147,12 +147,15 @@ def all_gather_pair(x: torch.Tensor, group) -> torch.Tensor:
 _LOADS = itertools.count()  # one arrival namespace per setup; every rank of a job counts alike
 
 
-def _bounded(fn: Callable[[], Any], seconds: float, what: str) -> Any:
-    """`fn()` in a daemon thread; RendezvousError if it has not returned within `seconds`."""
+def _bounded(fn: Callable[[], Any], seconds: float, what: str, device: Optional[torch.device] = None) -> Any:
+    """`fn()` in a daemon thread (with `device` current, for process groups created there);
+    RendezvousError if it has not returned within `seconds`."""
     box: dict = {}
 
     def run() -> None:
         try:
+            if device is not None and device.type == "cuda":
+                torch.cuda.set_device(device)
             box["value"] = fn()
         except BaseException as exc:  # re-raised in the caller's thread
             box["error"] = exc
@@ -175,7 +178,8 @@ def _default_store() -> Any:
         return None
 
 
-def _rendezvous(launch: LaunchInfo, addr: str, port: int, backend: str, timeout_s: float) -> Any:
+def _rendezvous(launch: LaunchInfo, addr: str, port: int, backend: str, timeout_s: float,
+                device: Optional[torch.device] = None) -> Any:
     """Create the default process group through a store on which every rank marks its arrival, so
     a rank that never comes is named. Under torchrun the agent hosts the store (as torch's own
     tcp:// rendezvous does when TORCHELASTIC_USE_AGENT_STORE is set); otherwise rank 0 does."""
@@ -213,7 +217,7 @@ def _rendezvous(launch: LaunchInfo, addr: str, port: int, backend: str, timeout_
     left = max(deadline - time.monotonic(), 1.0)
     _bounded(lambda: dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store), rank=rank,
                                              world_size=world, timeout=timeout), left + 2,
-             f"rank {rank}: joining the process group at {where}")
+             f"rank {rank}: joining the process group at {where}", device)
     return store
 
 
@@ -254,6 +258,25 @@ def missing_ranks(store: Any, prefix: str, world: int, grace_s: float) -> Option
         return _bounded(probe, grace_s + 2, "the arrival check")
     except Exception:
         return None
+
+
+def unreachable(rt: Runtime, phase: str, exc: BaseException, waited: float, timeout_s: float) -> GroupLoadError:
+    """The error of a rank whose collective at `phase` failed after `waited` seconds: it names the
+    rank(s) that never marked their arrival there. A fast failure is a broken connection (a peer
+    died): live stragglers get a moment to arrive first."""
+    missing = not_arrived(rt, phase, 0.0 if waited >= 0.9 * timeout_s else min(3.0, timeout_s))
+    if missing:
+        who = f"rank(s) {missing} did not reach it (dead, stopped or hung)"
+    elif missing is None:
+        who = ("no rank can be named: the store that records arrivals did not answer either, so its host "
+               "(rank 0, or the launcher's agent under torchrun) is stopped, hung or dead")
+    else:
+        who = "every rank reached it, then a peer's connection broke (a rank died or was interrupted)"
+    cause = (str(exc).strip().splitlines() or [""])[0][:300]
+    return GroupLoadError(
+        f"sat_dist: rank {rt.rank} could not reach its peers during '{phase}' after {waited:.1f}s: {who}; "
+        f"--timeout is {timeout_s:.0f}s. Cause: {type(exc).__name__}: {cause}",
+        {r: f"did not reach '{phase}'" for r in missing or []}, phase, agreed=False)
 
 
 def not_arrived(rt: Runtime, phase: str, grace_s: float) -> Optional[list[int]]:

@@ -7,16 +7,16 @@ broadcasts each shared tensor from its owner: DP replicas over their DP group, t
 rank reads from the same file (replicated tensors of an mp=1 checkpoint) over the world. Tensors
 below `BUCKET_BYTES` travel packed, one broadcast per owner. A peer that dies or stalls fails the
 broadcast within the process-group timeout; that failure is raised as the same kind of
-GroupLoadError as the agreement's, naming the phase.
+GroupLoadError as the agreement's, naming the phase and the rank(s) that never arrived.
 """
 from __future__ import annotations
 
+import time
 from typing import Mapping
 
 import torch
 
 from . import collectives as C
-from .errors import GroupLoadError
 from .plan import Exchange, ReadPlan, assign_exchange, target_signatures
 from .runtime import Runtime
 
@@ -24,18 +24,20 @@ MODES = ("auto", "off")
 BUCKET_BYTES = 4 << 20  # tensors smaller than this are packed per owner into one broadcast
 
 
-def plan_exchange(rt: Runtime, plan: ReadPlan, mode: str = "auto") -> Exchange:
+def plan_exchange(rt: Runtime, plan: ReadPlan, mode: str = "auto", timeout_s: float = 300.0) -> Exchange:
     """This rank's share of the reading. `auto`: exchange whenever some tensor is needed by more
     than one rank (it then moves fewer bytes from storage); `off`: every rank reads all it needs."""
     if mode == "off" or rt.world_size == 1:
         return assign_exchange(plan, [{}], 0, rt.tp, enabled=False)
-    tables = _gather(rt, target_signatures(plan))
+    tables = _gather(rt, target_signatures(plan), timeout_s)
     return assign_exchange(plan, tables, rt.rank, rt.tp)
 
 
 def run(rt: Runtime, ex: Exchange, tensors: Mapping[str, torch.Tensor], timeout_s: float) -> int:
     """Broadcast every shared tensor from its owner; returns the bytes this rank received."""
     received = 0
+    C.mark_arrival(rt, "exchange-broadcast")
+    t0 = time.monotonic()
     try:
         for items, group in ((ex.dp, rt.dp_group), (ex.world, None)):
             works = []
@@ -46,12 +48,8 @@ def run(rt: Runtime, ex: Exchange, tensors: Mapping[str, torch.Tensor], timeout_
             for work, unpack in works:
                 C.wait(work)
                 unpack()
-    except Exception as exc:
-        raise GroupLoadError(
-            f"sat_dist: rank {rt.rank} could not reach its peers during 'exchange' (a rank died, or did not "
-            f"answer within the {timeout_s:.0f}s timeout): {type(exc).__name__}: {exc}",
-            {rt.rank: f"{type(exc).__name__}: {exc}"},
-        ) from exc
+    except Exception as exc:  # names the rank(s) that never came (collectives.unreachable)
+        raise C.unreachable(rt, "exchange-broadcast", exc, time.monotonic() - t0, timeout_s) from exc
     return received
 
 
@@ -91,11 +89,10 @@ def _nothing() -> None:
     return None
 
 
-def _gather(rt: Runtime, sigs: dict[str, str]) -> list[dict[str, str]]:
+def _gather(rt: Runtime, sigs: dict[str, str], timeout_s: float) -> list[dict[str, str]]:
+    C.mark_arrival(rt, "exchange")
+    t0 = time.monotonic()
     try:
         return C.all_gather_objects(sigs)
-    except Exception as exc:
-        raise GroupLoadError(
-            f"sat_dist: rank {rt.rank} could not reach its peers during 'exchange' (a rank died, or did not "
-            f"answer within the timeout): {type(exc).__name__}: {exc}", {rt.rank: f"{type(exc).__name__}: {exc}"},
-        ) from exc
+    except Exception as exc:  # names the rank(s) that never came (collectives.unreachable)
+        raise C.unreachable(rt, "exchange", exc, time.monotonic() - t0, timeout_s) from exc

@@ -17,6 +17,7 @@ killed run leaves no file that looks complete.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -49,17 +50,13 @@ def atomic_write(path: str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    dfd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
     finally:
-        os.close(dfd)
+        if os.path.exists(tmp):  # the write failed: no partial file is left behind
+            os.unlink(tmp)
+    with contextlib.ExitStack() as stack:  # the rename itself reaches storage
+        dfd = os.open(folder, os.O_RDONLY)
+        stack.callback(os.close, dfd)
+        os.fsync(dfd)
 
 
 def atomic_write_json(path: str, obj: object) -> None:
@@ -218,10 +215,11 @@ class VerifyStats:
 def _check_file(path: str, rel: str, size: int, hashes: Sequence[str], blocks: set[int], block_bytes: int,
                 pool: ThreadPoolExecutor, manifest: str, stats: VerifyStats) -> None:
     try:
-        fd = os.open(path, os.O_RDONLY)
+        f = open(path, "rb", buffering=0)
     except OSError as exc:
         raise IntegrityError(f"--verify: cannot open {path}: {exc}") from exc
-    try:
+    with f:
+        fd = f.fileno()
         actual = os.fstat(fd).st_size
         if actual != size:
             raise IntegrityError(f"{path} has {actual} bytes but the manifest {manifest} says {size}: the file is "
@@ -236,8 +234,6 @@ def _check_file(path: str, rel: str, size: int, hashes: Sequence[str], blocks: s
         stats.files += 1
         stats.blocks += len(want)
         stats.bytes_hashed += sum(min(block_bytes, size - b * block_bytes) for b in want)
-    finally:
-        os.close(fd)
     if bad:
         b, got = bad[0]
         lo, hi = b * block_bytes, min((b + 1) * block_bytes, size)

@@ -176,7 +176,7 @@ def _plan_component(rt: Runtime, cfg: LoadConfig, name: str):
 
 
 def _load_component(rt: Runtime, cfg: LoadConfig, model: nn.Module, specs: dict, plan, t0: float) -> RankStatus:
-    share = exchange.plan_exchange(rt, plan, cfg.exchange)
+    share = exchange.plan_exchange(rt, plan, cfg.exchange, cfg.timeout_s)
     pause_point("read", rt.rank)
     if cfg.verify:  # the blocks under this rank's own reads; what it receives, its sender verified
         verify_load(plan, cfg.checkpoint, cfg.verify if isinstance(cfg.verify, str) else None, share.read)
