@@ -36,7 +36,7 @@ def plan_exchange(rt: Runtime, plan: ReadPlan, mode: str = "auto", timeout_s: fl
 def run(rt: Runtime, ex: Exchange, tensors: Mapping[str, torch.Tensor], timeout_s: float) -> int:
     """Broadcast every shared tensor from its owner; returns the bytes this rank received."""
     received = 0
-    C.mark_arrival(rt, "exchange-broadcast")
+    C.mark_arrival(rt, "exchange")
     t0 = time.monotonic()
     try:
         for items, group in ((ex.dp, rt.dp_group), (ex.world, None)):
@@ -49,7 +49,7 @@ def run(rt: Runtime, ex: Exchange, tensors: Mapping[str, torch.Tensor], timeout_
                 C.wait(work)
                 unpack()
     except Exception as exc:  # names the rank(s) that never came (collectives.unreachable)
-        raise C.unreachable(rt, "exchange-broadcast", exc, time.monotonic() - t0, timeout_s) from exc
+        raise C.unreachable(rt, "exchange", exc, time.monotonic() - t0, timeout_s) from exc
     return received
 
 
@@ -90,9 +90,9 @@ def _nothing() -> None:
 
 
 def _gather(rt: Runtime, sigs: dict[str, str], timeout_s: float) -> list[dict[str, str]]:
-    C.mark_arrival(rt, "exchange")
+    C.mark_arrival(rt, "exchange-plan")
     t0 = time.monotonic()
     try:
         return C.all_gather_objects(sigs)
     except Exception as exc:  # names the rank(s) that never came (collectives.unreachable)
-        raise C.unreachable(rt, "exchange", exc, time.monotonic() - t0, timeout_s) from exc
+        raise C.unreachable(rt, "exchange-plan", exc, time.monotonic() - t0, timeout_s) from exc

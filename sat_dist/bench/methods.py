@@ -111,22 +111,22 @@ def _torch_full(path: str, mmap: bool):
     return obj.get("module", obj) if isinstance(obj, dict) else obj
 
 
-def _sat_style(rank, tp, specs, prefix, plan, **_):
+def _torch_file(rank, tp, specs, prefix, plan, mmap: bool):
+    """SAT-style (`mmap=False`: the whole file read by torch.load) or naive mmap, then the slices."""
     path = _whole_file(plan)
     if path.endswith(".safetensors"):
-        raise _Skip("SAT reads torch files (see `safetensors`, `fastsafetensors`, `runai` for this input)")
-    sd = _torch_full(path, mmap=False)
+        raise _Skip("SAT reads torch files; safe_open is the mmap path for .safetensors (see `safetensors`)")
+    sd = _torch_full(path, mmap=mmap)
     kept = _keep(specs, prefix, tp, rank % tp, lambda k, sl: sd[k][sl])
-    return os.path.getsize(path), 0, kept
+    return (sum(t.numel() * t.element_size() for t in kept.values()) if mmap else os.path.getsize(path)), 0, kept
+
+
+def _sat_style(rank, tp, specs, prefix, plan, **_):
+    return _torch_file(rank, tp, specs, prefix, plan, mmap=False)
 
 
 def _mmap(rank, tp, specs, prefix, plan, **_):
-    path = _whole_file(plan)
-    if path.endswith(".safetensors"):
-        raise _Skip("see `safetensors` (safe_open is the mmap path for .safetensors)")
-    sd = _torch_full(path, mmap=True)
-    kept = _keep(specs, prefix, tp, rank % tp, lambda k, sl: sd[k][sl])
-    return sum(t.numel() * t.element_size() for t in kept.values()), 0, kept
+    return _torch_file(rank, tp, specs, prefix, plan, mmap=True)
 
 
 def _safetensors(rank, tp, specs, prefix, plan, **_):
