@@ -94,21 +94,22 @@ def _attach_offsets(path: str, obj: Any) -> None:
     records = _records(path)
     ptrs = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
     lowest = min(ptrs)
-    for candidate in sorted(records):  # the lowest pointer is one of the records: find which
-        base = lowest - candidate
-        if all(p - base in records for p in ptrs):
-            break
-    else:
-        raise CheckpointError(
-            f"{path}: cannot map its tensors to byte offsets (storages do not match the zip's data "
-            f"records); this torch version's loader is not supported by sat_dist"
-        )
-    for p, n in sorted(ptrs.items()):
-        if records[p - base] != n:
+    # The lowest pointer is one of the records: the base is the one under which every storage is a
+    # record of its own size (a base matching positions only can be a wrong alignment of small records).
+    candidates = [lowest - c for c in sorted(records)]
+    base = next((b for b in candidates if all(records.get(p - b) == n for p, n in ptrs.items())), None)
+    if base is None:
+        near = next((b for b in candidates if all(p - b in records for p in ptrs)), None)
+        if near is None:
             raise CheckpointError(
-                f"{path}: the storage at byte {p - base} holds {n} bytes by data.pkl but its zip record holds "
-                f"{records[p - base]}: the file is corrupt or was edited; copy it again"
+                f"{path}: cannot map its tensors to byte offsets (storages do not match the zip's data "
+                f"records); this torch version's loader is not supported by sat_dist"
             )
+        p, n = next((p, n) for p, n in sorted(ptrs.items()) if records[p - near] != n)
+        raise CheckpointError(
+            f"{path}: the storage at byte {p - near} holds {n} bytes by data.pkl but its zip record holds "
+            f"{records[p - near]}: the file is corrupt or was edited; copy it again"
+        )
     for t in tensors:
         t._sat_dist_offset = t.untyped_storage().data_ptr() - base + t.storage_offset() * t.element_size()
 
