@@ -216,14 +216,19 @@ def test_same_bytes_twice_and_from_two_ranks(chain, tmp_path):
             assert tree(tmp_path / f"{to}_w2") == tree(tmp_path / f"{to}_a"), to
 
 
-def test_zero3_to_safetensors(tmp_path):
-    """DeepSpeed ZeRO-3 (dp=2, fp32 partitions only) -> safetensors loads like the ZeRO-3 folder."""
+def _write_zero3(rank: int, out: str) -> None:
     from sat_dist.testing.zero3_writer import Zero3Spec, write_zero3_checkpoint
 
     full = full_state_dict(CFG, seed=4)
     shapes = OrderedDict((n, tuple(t.shape)) for n, t in full.items())
-    write_zero3_checkpoint(str(tmp_path / "z3"), "global_step1", Zero3Spec(param_shapes=shapes, groups=[list(shapes)]),
-                           lambda n: full[n])
+    write_zero3_checkpoint(out, "global_step1", Zero3Spec(param_shapes=shapes, groups=[list(shapes)]), lambda n: full[n])
+
+
+def test_zero3_to_safetensors(tmp_path):
+    """DeepSpeed ZeRO-3 (dp=2, fp32 partitions only) -> safetensors loads like the ZeRO-3 folder.
+    The writer imports deepspeed (for its real pickled classes): it runs in a forked child so this
+    process, whose forks the DeepSpeed tests check for a deepspeed-free load path, never imports it."""
+    values(run_ranks(1, _write_zero3, str(tmp_path / "z3")))
     (tmp_path / "z3" / "model_config.json").write_text(json.dumps({"model_class": "BaseModel", **CFG}))
     rep = conv(tmp_path / "z3", tmp_path / "st", "safetensors")
     assert rep.source_format == "deepspeed-zero3" and rep.extra_keys["count"] == 0

@@ -159,7 +159,7 @@ def test_pins_live_in_one_file_that_setup_makefile_and_docker_read() -> None:
     assert re.search(r"^COPY requirements\.txt /tmp/requirements\.txt$", dockerfile, re.M)
     assert "torch==2.13.0" in setup_install_requires()
     for text, where in ((makefile, "Makefile"), (dockerfile, "docker/Dockerfile")):
-        assert "torch==" not in text, f"{where} pins torch itself instead of reading requirements.txt"
+        assert not re.search(r"torch==\d", text), f"{where} pins torch itself instead of reading requirements.txt"
 
 
 def test_docker_base_image_carries_the_pinned_torch() -> None:
