@@ -2,8 +2,12 @@
 
 Each agreement point is one all-gather of a small status object. The error raised on failure is
 built only from the gathered statuses, so every rank raises exactly the same GroupLoadError
-naming the failing rank(s) and their causes. A peer that died surfaces as a collective error
-within the process-group timeout instead of a hang.
+naming the failing rank(s) and their causes; after planning the ranks also compare their stored
+dtypes (TP ranks read different mp files, which could come from different saves). Before planning,
+rank 0 reads each `latest` once and every rank indexes that tag. A peer that died or stalls surfaces
+within the process-group timeout, and the error names the rank(s) that never arrived (every rank
+marks its arrival in the store first: `collectives.unreachable`). With `--report`, a failed load's
+report says so (`error_report`).
 """
 from __future__ import annotations
 
@@ -103,13 +107,13 @@ def _dtype_problems(statuses: list[RankStatus]) -> dict[int, str]:
             continue
         c, o = s.dtypes
         if c != common:
-            out[s.rank] = (f"CheckpointError: its files store the tensors as {c} where rank 0's store {common}: the model-parallel "
-                           f"files come from different saves; restore the files of one save")
+            out[s.rank] = (f"CheckpointError: its files store the tensors as {c} where rank 0's store {common}: "
+                           f"the model-parallel files come from different saves; restore the files of one save")
             continue
         diff = sorted(n for n in set(o) | set(odd) if o.get(n, c) != odd.get(n, common))
-        out[s.rank] = (f"CheckpointError: tensor(s) {diff[:5]} are stored as {[o.get(n, c) for n in diff[:5]]} in its files but as "
-                       f"{[odd.get(n, common) for n in diff[:5]]} in rank 0's: the model-parallel files come from "
-                       f"different saves; restore the files of one save")
+        out[s.rank] = (f"CheckpointError: tensor(s) {diff[:5]} are stored as {[o.get(n, c) for n in diff[:5]]} "
+                       f"in its files but as {[odd.get(n, common) for n in diff[:5]]} in rank 0's: the model-parallel "
+                       f"files come from different saves; restore the files of one save")
     return out
 
 

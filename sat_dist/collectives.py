@@ -196,8 +196,8 @@ def _rendezvous(launch: LaunchInfo, addr: str, port: int, backend: str, timeout_
     except Exception as exc:  # rendezvous failures are the first thing cluster users hit
         raise RendezvousError(
             f"rank {rank}: cannot reach the rendezvous store at {where}, hosted by {host}, within {timeout_s:.0f}s "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); check that it started, MASTER_ADDR/MASTER_PORT, "
-            f"and that the address is reachable from {launch.launcher} rank {rank}"
+            f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}); check that it started, "
+            f"MASTER_ADDR/MASTER_PORT, and that the address is reachable from {launch.launcher} rank {rank}"
         ) from exc
     prefix = f"sat_dist/{next(_LOADS)}/rendezvous"
     arrived = False

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Collection, Iterable, Mapping, Optional, Sequence
@@ -226,10 +227,21 @@ def _check_file(path: str, rel: str, size: int, hashes: Sequence[str], blocks: s
                                  f"truncated, extended or replaced; copy it again")
         want = sorted(b for b in blocks if 0 <= b < len(hashes))
 
+        local = threading.local()  # one reused block buffer per hashing thread
+
         def one(b: int) -> Optional[tuple[int, str]]:
-            data = os.pread(fd, min(block_bytes, size - b * block_bytes), b * block_bytes)
-            got = hashlib.sha256(data).hexdigest()
-            return None if got == hashes[b] else (b, got)
+            buf = getattr(local, "buf", None)
+            if buf is None:
+                buf = local.buf = memoryview(bytearray(block_bytes))
+            n = min(block_bytes, size - b * block_bytes)
+            got = 0
+            while got < n:
+                k = os.preadv(fd, [buf[got:n]], b * block_bytes + got)
+                if k <= 0:
+                    raise IntegrityError(f"{path}: unexpected end of file in block {b}: the file is truncated")
+                got += k
+            digest = hashlib.sha256(buf[:n]).hexdigest()
+            return None if digest == hashes[b] else (b, digest)
         bad = [r for r in pool.map(one, want) if r is not None]
         stats.files += 1
         stats.blocks += len(want)

@@ -178,8 +178,13 @@ def _plan_component(rt: Runtime, cfg: LoadConfig, name: str):
 def _load_component(rt: Runtime, cfg: LoadConfig, model: nn.Module, specs: dict, plan, t0: float) -> RankStatus:
     share = exchange.plan_exchange(rt, plan, cfg.exchange, cfg.timeout_s)
     pause_point("read", rt.rank)
-    if cfg.verify:  # the blocks under this rank's own reads; what it receives, its sender verified
-        verify_load(plan, cfg.checkpoint, cfg.verify if isinstance(cfg.verify, str) else None, share.read)
+    if cfg.verify:  # the blocks under this rank's own reads (what it receives, its sender verified),
+        err = None      # agreed before any collective of the read phase: every rank raises the same error
+        try:
+            verify_load(plan, cfg.checkpoint, cfg.verify if isinstance(cfg.verify, str) else None, share.read)
+        except Exception as exc:
+            err = exc
+        agree_phase(rt, "verify", err, cfg.timeout_s)
     show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
     own = sum(op.nbytes for op in plan.ops if op.name in share.read)
     bar = Progress(show and rt.rank == 0, own, rt.world_size)

@@ -232,7 +232,8 @@ def build(root: str) -> list[Case]:
     shutil.copy(_mp(d, 1), _mp(d, 2))
     d = sat("mp_config_more_than_files", "CheckpointError",
             needles=["missing ['mp_rank_02_model_states.pt', 'mp_rank_03_model_states.pt']"])
-    json.dump({"model_class": "BaseModel", **CFG, "model_parallel_size": 4}, open(os.path.join(d, "model_config.json"), "w"))
+    json.dump({"model_class": "BaseModel", **CFG, "model_parallel_size": 4},
+              open(os.path.join(d, "model_config.json"), "w"))
     os.remove(os.path.join(sat("missing_model_config", "ConfigError", needles=["carries no model config"]),
                            "model_config.json"))
     open(os.path.join(sat("model_config_not_json", "CheckpointError", needles=["model_config.json"]),

@@ -78,7 +78,8 @@ def test_corpus_payloads_are_armed_and_never_run(corpus):
     script = textwrap.dedent("""
         import glob, os, pickle, sys, time, torch
         for path in sys.argv[1:]:
-            for f in sorted(glob.glob(os.path.join(path, "**", "*"), recursive=True)) + [os.path.join(path, ".metadata")]:
+            files = sorted(glob.glob(os.path.join(path, "**", "*"), recursive=True))
+            for f in files + [os.path.join(path, ".metadata")]:
                 if f.endswith(".pt"):
                     torch.load(f, weights_only=False)
                 elif f.endswith(".metadata") and os.path.exists(f):

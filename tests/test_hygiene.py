@@ -60,7 +60,8 @@ def test_50_load_shutdown_cycles_leak_nothing(tmp_path):
         assert last[0] == warm[0], f"rank {rank}: file descriptors {warm[0]} after 5 cycles, {last[0]} after {CYCLES}"
         assert last[1] == warm[1], f"rank {rank}: threads {warm[1]} after 5 cycles, {last[1]} after {CYCLES}"
         grown = last[2] - min(s[2] for s in samples[4:])
-        assert grown < 16, f"rank {rank}: RSS grew {grown:.1f} MiB over {CYCLES - 5} cycles: {[round(s[2]) for s in samples]}"
+        assert grown < 16, (f"rank {rank}: RSS grew {grown:.1f} MiB over {CYCLES - 5} cycles: "
+                            f"{[round(s[2]) for s in samples]}")
         print(f"rank {rank}: fds {warm[0]} -> {last[0]}, threads {warm[1]} -> {last[1]}, "
               f"RSS {warm[2]:.0f} -> {last[2]:.0f} MiB")
 

@@ -156,3 +156,27 @@ def test_manifest_is_validated(tmp_path):
         bad.write_text(text)
         with pytest.raises(IntegrityError, match="not a usable sat-dist manifest"):
             read_manifest(str(bad))
+
+
+def _load_dp(rank, path):
+    sat_dist.load_model(path, tp=1, verify=True, timeout_s=60)
+    return "loaded"
+
+
+def test_verify_with_the_exchange_each_rank_checks_what_it_reads(tmp_path):
+    """TP=1 on 2 ranks: the exchange splits the reading; a flip in any tensor fails every rank with the
+    agreed error (phase 'verify'), naming the one rank that read the block, before any collective of the
+    read phase."""
+    root = str(tmp_path / "ckpt")
+    write_sat_checkpoint(root, CFG, full_state_dict(CFG, seed=4), 1)
+    write_manifest(checkpoint_files(root), os.path.join(root, MANIFEST_NAME), BLOCK)
+    assert values(run_ranks(2, _load_dp, root)) == ["loaded", "loaded"]
+    plan = _plan(root, 1, 0)
+    op = max(plan.ops, key=lambda o: o.nbytes)
+    byte = op.runs[0].first + op.nbytes // 2
+    _flip(op.file, byte, 2)
+    results = run_ranks(2, _load_dp, root)
+    assert {r.error_type for r in results} == {"GroupLoadError"} and len({r.error for r in results}) == 1
+    msg = results[0].error
+    assert "during 'verify'" in msg and f"block {byte // BLOCK} " in msg, msg
+    assert msg.count("IntegrityError") == 1, msg  # only the rank that reads the block checks it

@@ -48,7 +48,8 @@ def latest_tag(path: str) -> Optional[str]:
     except (OSError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"cannot read {latest}: {exc}; it must hold an iteration number or 'release'") from exc
     if not tag:
-        raise CheckpointError(f"{latest} is empty; it must hold an iteration number or 'release' (pass --tag to pick one)")
+        raise CheckpointError(f"{latest} is empty; it must hold an iteration number or 'release' "
+                              f"(pass --tag to pick one)")
     if len(raw) > 4096 or "/" in tag or "\\" in tag or tag in (".", "..") or any(c in tag for c in "\0\n\r"):
         raise CheckpointError(f"{latest} holds {tag[:80]!r}, which is not one folder name inside {path}; it must hold "
                               f"an iteration number or 'release' (pass --tag to pick one)")
