@@ -33,7 +33,7 @@ bench: $(STAMP)
 
 # lint-imports: the dependency contracts in .importlinter (layers point one way, no cycles).
 test: $(STAMP)
-	$(VENV)/bin/lint-imports --config .importlinter
+	$(VENV)/bin/lint-imports .importlinter
 	$(VENV)/bin/python -m pytest -q tests $(PYTEST_ARGS)
 
 # soak : SOAK_TRIALS (50) randomized kill/stall/interrupt trials under torchrun and mpirun (tests/fault_lib.py):

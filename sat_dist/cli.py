@@ -224,30 +224,31 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_load(args: argparse.Namespace) -> int:
+    return cmd_load(args, args.checkpoint)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import cmd_bench
+
+    return cmd_bench(args)
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from .engine.command import run
+
+    return run(args)
+
+
+# Subcommand -> handler; heavy modules (bench, engine) are imported only by their own command.
+_COMMANDS = {"env": cmd_env, "plan": cmd_plan, "inspect": cmd_inspect, "demo": cmd_demo, "convert": cmd_convert,
+             "bench": _cmd_bench, "sample": _cmd_sample, "manifest": cmd_manifest, "load": _cmd_load}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse(build_parser(), argv)
     try:
-        if args.command == "env":
-            return cmd_env(args)
-        if args.command == "plan":
-            return cmd_plan(args)
-        if args.command == "inspect":
-            return cmd_inspect(args)
-        if args.command == "demo":
-            return cmd_demo(args)
-        if args.command == "convert":
-            return cmd_convert(args)
-        if args.command == "bench":
-            from .bench import cmd_bench
-
-            return cmd_bench(args)
-        if args.command == "sample":
-            from .engine.command import run as cmd_sample
-
-            return cmd_sample(args)
-        if args.command == "manifest":
-            return cmd_manifest(args)
-        return cmd_load(args, args.checkpoint)
+        return _COMMANDS[args.command](args)
     except SatDistError as exc:
         _print_error(exc, _rank_for_messages())
         return _failed(1)
