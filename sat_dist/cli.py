@@ -280,10 +280,9 @@ def _print_error(exc: SatDistError, rank: str) -> None:
 
 
 def _rank_for_messages() -> str:
-    """This process's rank as the launcher sees it (srun/mpirun set no RANK), for error lines."""
-    try:
-        from .launch import detect_launch
+    """This process's rank as the launcher numbered it (srun/mpirun set no RANK), for error lines;
+    from the launcher's variables alone, so a failed MPI exchange is not started again."""
+    from .launch import rank_and_world
 
-        return str(detect_launch().rank)
-    except Exception:  # detection itself may be what failed
-        return os.environ.get("RANK", "?")
+    rank = rank_and_world()[0]
+    return "?" if rank < 0 else str(rank)

@@ -123,7 +123,7 @@ def convert(src: str, dst: str, to: str, *, tp: Optional[int] = None, shard_size
     if to != "sat" and out_tp != 1:
         raise ConfigError(f"--tp {out_tp} sets the model-parallel size of a SAT output; {to} holds full tensors: drop --tp")
     limit = parse_size(shard_size)
-    rt = C.setup(detect_launch(), 1, "cpu", cfg.timeout_s)
+    rt = C.setup(detect_launch(timeout_s=cfg.timeout_s), 1, "cpu", cfg.timeout_s)
     try:
         return _run(rt, cfg, writer, os.path.abspath(dst), out_tp, limit, extra_keys == "separate", force, t0)
     finally:

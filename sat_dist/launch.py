@@ -16,6 +16,7 @@ Explicit MASTER_ADDR/MASTER_PORT always win. Nothing here creates a process grou
 from __future__ import annotations
 
 import fcntl
+import functools
 import ipaddress
 import os
 import re
@@ -23,6 +24,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Mapping, Optional
 
@@ -57,7 +59,7 @@ def env_int(env: Mapping[str, str], key: str, default: Optional[int] = None) -> 
         raise LaunchError(f"{key}={value!r} is not an integer; it comes from your launcher, check how it was set") from None
 
 
-def from_torchrun(env: Mapping[str, str]) -> Optional[LaunchInfo]:
+def from_torchrun(env: Mapping[str, str], exchange: Optional["Exchange"] = None) -> Optional[LaunchInfo]:
     """torchrun / torch.distributed.run (also any launcher that exports RANK and WORLD_SIZE)."""
     if "RANK" not in env or "WORLD_SIZE" not in env:
         return None
@@ -153,7 +155,7 @@ def _mpi_identity(env: Mapping[str, str]) -> Optional[tuple[int, int]]:
     return None
 
 
-def from_slurm(env: Mapping[str, str]) -> Optional[LaunchInfo]:
+def from_slurm(env: Mapping[str, str], exchange: Optional["Exchange"] = None) -> Optional[LaunchInfo]:
     """A task of an `srun` step (directly, or inside `sbatch`/`salloc`)."""
     # SLURM_STEP_ID marks a step task: the batch script itself has SLURM_PROCID=0 and
     # SLURM_NTASKS=N but is one process, and must not wait for N-1 peers that never come.
@@ -262,13 +264,29 @@ def free_port() -> int:
 
 
 _RENDEZVOUS: dict[tuple, MpiRendezvous] = {}
+_HOST_BYTES = 256  # a host name or address, NUL-padded, in the fixed-size MPI buffers
+DEFAULT_TIMEOUT_S = 300.0
 
 
-def mpi_exchange(launcher: str, rank: int, world: int) -> MpiRendezvous:
+def _wait(request, deadline: float, launcher: str, rank: int, world: int, what: str, timeout_s: float) -> None:
+    """Poll a non-blocking MPI collective: a stopped or dead rank must not hang the others."""
+    while not request.Test():
+        if time.monotonic() > deadline:
+            raise LaunchError(
+                f"{launcher} rank {rank}/{world}: the MPI exchange of rank 0's address ({what}) did not complete "
+                f"within {timeout_s:.0f}s: a rank is stopped, dead or still starting; check the other ranks' "
+                f"output, or export MASTER_ADDR/MASTER_PORT to every rank to skip the exchange"
+            )
+        time.sleep(0.005)
+
+
+def mpi_exchange(launcher: str, rank: int, world: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> MpiRendezvous:
     """Collective over MPI_COMM_WORLD: gather hosts, broadcast rank 0's address and a free port.
 
     Every rank must call it (detect_launch does, on every rank); the result is cached, so later
     detect_launch calls in the same process agree with the first without communicating again.
+    Non-blocking collectives polled against a deadline: a rank that never arrives is a LaunchError
+    after `timeout_s`, not a hang.
     """
     key = (launcher, rank, world)
     if key in _RENDEZVOUS:
@@ -289,12 +307,22 @@ def mpi_exchange(launcher: str, rank: int, world: int) -> MpiRendezvous:
             f"mpirun that started it (check `python -c 'import mpi4py; print(mpi4py.get_config())'` and "
             f"`which mpirun`), or export MASTER_ADDR/MASTER_PORT to skip the exchange"
         )
-    hosts = tuple(comm.allgather(socket.gethostname()))
-    payload = None
+    deadline = time.monotonic() + timeout_s
+    mine = bytearray(_HOST_BYTES)
+    name = socket.gethostname().encode()[:_HOST_BYTES]
+    mine[:len(name)] = name
+    everyone = bytearray(_HOST_BYTES * world)
+    _wait(comm.Iallgather(mine, everyone), deadline, launcher, rank, world, "host names", timeout_s)
+    hosts = tuple(bytes(everyone[i * _HOST_BYTES:(i + 1) * _HOST_BYTES]).rstrip(b"\0").decode()
+                  for i in range(world))
+    payload = bytearray(_HOST_BYTES + 4)
     if rank == 0:
-        addr = "127.0.0.1" if len(set(hosts)) == 1 else reachable_address()
-        payload = (addr, free_port())
-    addr, port = comm.bcast(payload, root=0)
+        addr = ("127.0.0.1" if len(set(hosts)) == 1 else reachable_address()).encode()[:_HOST_BYTES]
+        payload[:len(addr)] = addr
+        payload[_HOST_BYTES:] = struct.pack("<I", free_port())
+    _wait(comm.Ibcast(payload, root=0), deadline, launcher, rank, world, "address and port", timeout_s)
+    addr = bytes(payload[:_HOST_BYTES]).rstrip(b"\0").decode()
+    port = struct.unpack("<I", bytes(payload[_HOST_BYTES:]))[0]
     result = MpiRendezvous(addr, int(port), hosts)
     _RENDEZVOUS[key] = result
     return result
@@ -339,17 +367,36 @@ def from_mpich(env: Mapping[str, str], exchange: Exchange = mpi_exchange) -> Opt
                      exchange)
 
 
-Detector = Callable[[Mapping[str, str]], Optional[LaunchInfo]]
+Detector = Callable[[Mapping[str, str], Exchange], Optional[LaunchInfo]]
 
 # Ordered: the first detector that recognises the environment wins.
 DETECTORS: tuple[Detector, ...] = (from_torchrun, from_slurm, from_openmpi, from_mpich)
 
 
-def detect_launch(env: Optional[Mapping[str, str]] = None) -> LaunchInfo:
-    """Derive this process's identity from the launcher's environment (none: a single process)."""
+def detect_launch(env: Optional[Mapping[str, str]] = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> LaunchInfo:
+    """Derive this process's identity from the launcher's environment (none: a single process).
+    `timeout_s` bounds the MPI address exchange (a stopped rank fails the others, never hangs them)."""
     env = os.environ if env is None else env
+    exchange = functools.partial(mpi_exchange, timeout_s=timeout_s)
     for detector in DETECTORS:
-        info = detector(env)
+        info = detector(env, exchange)
         if info is not None:
             return info
     return single_process(env)
+
+
+def rank_and_world(env: Optional[Mapping[str, str]] = None) -> tuple[int, Optional[int]]:
+    """(rank, world size) as the launcher numbered this process, from its variables alone — no MPI
+    exchange, so an error line after a failed exchange cannot start (and wait on) another one.
+    (-1, None) when no launcher variable says."""
+    env = os.environ if env is None else env
+    for rank_key, size_key in (("RANK", "WORLD_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+                               ("PMI_RANK", "PMI_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        try:
+            rank, world = env_int(env, rank_key), env_int(env, size_key)
+        except LaunchError:
+            continue
+        if rank is not None:
+            return rank, world
+    named = any(k in env for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"))
+    return (-1, None) if named else (0, 1)

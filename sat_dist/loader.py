@@ -23,7 +23,7 @@ from .errors import ConfigError, GroupLoadError, SatDistError
 from .integrity import verify_load
 from .materialize import materialize, pick_readers, staging_slots
 from .formats.base import IndexRequest
-from .launch import detect_launch
+from .launch import detect_launch, rank_and_world
 from .models import TPInfo, build_meta_model, check_tp, collect_specs
 from .pause import pause_point
 from .plan import make_plan
@@ -68,7 +68,7 @@ def load_model(
                       progress=progress, verify=verify)
         if not cfg.checkpoint:
             raise ConfigError("no checkpoint given: pass a path (or load.checkpoint in a config)")
-        rt = C.setup(detect_launch(), cfg.tp, cfg.device, cfg.timeout_s)
+        rt = C.setup(detect_launch(timeout_s=cfg.timeout_s), cfg.tp, cfg.device, cfg.timeout_s)
         model, rep = load_with_runtime(rt, cfg, t0)
     except BaseException as exc:
         if rt is not None:
@@ -83,11 +83,7 @@ def load_model(
 
 def launch_rank() -> tuple[int, Optional[int]]:
     """(rank, world size) from the launcher's environment, for a failure before the group formed."""
-    try:
-        launch = detect_launch()
-        return launch.rank, launch.world_size
-    except Exception:
-        return -1, None
+    return rank_and_world()
 
 
 _RUNTIMES: list[Runtime] = []

@@ -184,7 +184,7 @@ def run_rank(rank: int, method: str, ckpt: str, world: int, tp: int, configs, ov
         from ..loader import load_with_runtime
 
         cfg.progress = False
-        rt = C.setup(detect_launch(), tp, cfg.device, cfg.timeout_s)
+        rt = C.setup(detect_launch(timeout_s=cfg.timeout_s), tp, cfg.device, cfg.timeout_s)
         t0 = time.perf_counter()
         try:
             _, rep = load_with_runtime(rt, cfg)

@@ -226,7 +226,7 @@ def load_engine(path_or_config: str | Sequence[str], tp: Optional[int] = None, *
     parts = components_for(path_or_config, common)
     tokenizer = load_tokenizer(parts.tokenizer)  # before the group forms: a bad folder fails every rank alike
     first = parts.models["transformer"]
-    rt = C.setup(detect_launch(), first.tp, first.device, first.timeout_s)
+    rt = C.setup(detect_launch(timeout_s=first.timeout_s), first.tp, first.device, first.timeout_s)
     try:
         loaded = load_components(rt, list(parts.models.values()), t0, names=list(parts.models))
         models = {name: model for name, (model, _) in zip(parts.models, loaded)}
