@@ -84,14 +84,10 @@ def main() -> None:
         if p.exitcode:
             sys.exit(f"writing {path} failed (exit {p.exitcode})")
         print(f"wrote {path} in {time.perf_counter() - t0:.1f}s")
-    # Import what a load imports (sat_dist, torch.distributed's DTensor/sympy stack, and torch._dynamo,
-    # which FakeTensorMode in the SAT index pulls in) once in the parent: forked ranks then time the
-    # load, not 4 processes importing ~1000 modules on 2 cores (that alone measured 11-15 s).
+    # Import what a load imports once in the parent: forked ranks then time the load, not 4
+    # processes importing the same modules on 2 cores.
     import sat_dist  # noqa: F401
-    import sat_dist.launchers  # noqa: F401
-    import torch._dynamo  # noqa: F401
-    import torch._subclasses.fake_tensor  # noqa: F401
-    import torch.distributed.tensor  # noqa: F401
+    import sat_dist.launch  # noqa: F401
 
     size = os.path.getsize(path)
     mib = 1 << 20

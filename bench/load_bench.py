@@ -20,12 +20,13 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_checkpoint import add_model_args, ensure_sat_checkpoint  # noqa: E402
 from sat_dist.testing.dist import run_ranks, values  # noqa: E402
 
 import sat_dist  # noqa: E402
 from sat_dist.models.sat_gpt import TransformerConfig  # noqa: E402
 from sat_dist.models import TPInfo, build_meta_model, collect_specs  # noqa: E402
-from sat_dist.writer import model_config_dict, random_state_dict, save_sat_checkpoint  # noqa: E402
 
 
 def rss_now() -> int:
@@ -76,22 +77,12 @@ MODEL: TransformerConfig
 def main() -> None:
     global MODEL
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dir", default="/tmp/sat_dist_bench")
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--layers", type=int, default=5)
-    ap.add_argument("--vocab", type=int, default=32000)
+    add_model_args(ap)
     ap.add_argument("--tp", type=int, default=4)
     ap.add_argument("--cold", action="store_true", help="drop the page cache before each run (root)")
     args = ap.parse_args()
-    MODEL = TransformerConfig(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=16,
-                              vocab_size=args.vocab, max_sequence_length=2048)
-    path = os.path.join(args.dir, f"h{args.hidden}_l{args.layers}_v{args.vocab}")
+    MODEL, path = ensure_sat_checkpoint(args)
     ckpt_file = os.path.join(path, "1", "mp_rank_00_model_states.pt")
-    if not os.path.isfile(os.path.join(path, "latest")):
-        t = time.perf_counter()
-        specs = collect_specs(build_meta_model(MODEL, TPInfo()))
-        save_sat_checkpoint(path, random_state_dict(specs), specs, 1, "1", model_config_dict(MODEL))
-        print(f"wrote {path} in {time.perf_counter() - t:.1f}s")
     size = os.path.getsize(ckpt_file)
     print(f"checkpoint: {ckpt_file} {size / 2**30:.2f} GiB, TP={args.tp}, {os.cpu_count()} cores, "
           f"cache={'cold' if args.cold else 'warm'}")

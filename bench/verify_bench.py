@@ -18,12 +18,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import load_bench  # noqa: E402
+from make_checkpoint import add_model_args, ensure_sat_checkpoint  # noqa: E402
 import sat_dist  # noqa: E402
 from sat_dist.integrity import MANIFEST_NAME, checkpoint_files, write_manifest  # noqa: E402
-from sat_dist.models import TPInfo, build_meta_model, collect_specs  # noqa: E402
-from sat_dist.models.sat_gpt import TransformerConfig  # noqa: E402
 from sat_dist.testing.dist import run_ranks, values  # noqa: E402
-from sat_dist.writer import model_config_dict, random_state_dict, save_sat_checkpoint  # noqa: E402
 
 
 def _load(rank: int, path: str, tp: int, verify: bool) -> float:
@@ -34,20 +32,12 @@ def _load(rank: int, path: str, tp: int, verify: bool) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dir", default="/tmp/sat_dist_bench")
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--layers", type=int, default=5)
-    ap.add_argument("--vocab", type=int, default=32000)
+    add_model_args(ap)
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--cold", action="store_true", help="drop the page cache before each load (root)")
     args = ap.parse_args()
-    model = TransformerConfig(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=16,
-                              vocab_size=args.vocab, max_sequence_length=2048)
-    path = os.path.join(args.dir, f"h{args.hidden}_l{args.layers}_v{args.vocab}")
-    if not os.path.isfile(os.path.join(path, "latest")):
-        specs = collect_specs(build_meta_model(model, TPInfo()))
-        save_sat_checkpoint(path, random_state_dict(specs), specs, 1, "1", model_config_dict(model))
+    _, path = ensure_sat_checkpoint(args)
     files = checkpoint_files(path)
     size = sum(os.path.getsize(f) for f in files)
     t = time.perf_counter()

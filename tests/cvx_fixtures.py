@@ -286,3 +286,16 @@ def write_tiny_shipped(base, kind: str, seed: int, args: dict, adjust=None) -> t
         adjust(kind, params, full)
     root = write_shipped(os.path.join(str(base), "transformer"), full)
     return params, full, write_cogvideo_yaml(os.path.join(str(base), "model.yaml"), params, {"load": root, **args})
+
+
+def dit_inputs(kind: str, t: int, h: int, w: int, text: int, seed: int) -> dict:
+    """Random DiT forward inputs for a tiny `kind` model (SAT's argument names): latents [2, t, 4, h, w],
+    two timesteps, a [2, text, 24] context; I2V adds `concat_images`, 1.5-I2V also `ofs`."""
+    g = torch.Generator().manual_seed(seed)
+    inp = {"x": torch.randn(2, t, 4, h, w, generator=g), "timesteps": torch.tensor([3.0, 811.0]),
+           "context": torch.randn(2, text, 24, generator=g)}
+    if kind.endswith("i2v"):
+        inp["concat_images"] = torch.randn(2, t, 4, h, w, generator=g)
+    if kind == "15_i2v":
+        inp["ofs"] = torch.tensor([2.0, 2.0])
+    return inp

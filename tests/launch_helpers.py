@@ -8,7 +8,6 @@ how to get it, never a skip.
 """
 from __future__ import annotations
 
-import ast
 import atexit
 import fcntl
 import functools

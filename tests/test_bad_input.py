@@ -2,14 +2,13 @@
 import argparse
 import os
 import random
-import time
 
 import numpy as np
 import pytest
 import torch
 
 import sat_dist
-from sat_dist.testing.dist import run_ranks, values
+from sat_dist.testing.dist import run_ranks, timed_group_load, values
 from sat_rules import CONFIGS, full_state_dict, write_sat_checkpoint
 
 CFG = CONFIGS["plain"]
@@ -155,12 +154,7 @@ def _die_before_plan(rank, path):
         def die(*a, **k):
             os._exit(3)
         L.make_plan = die
-    t = time.monotonic()
-    try:
-        sat_dist.load_model(path, tp=2, timeout_s=8)
-    except sat_dist.GroupLoadError as exc:
-        return str(exc), time.monotonic() - t
-    return "loaded", time.monotonic() - t
+    return timed_group_load(path, 2, 8)
 
 
 def test_peer_death_fails_survivor_within_timeout(ckpt):

@@ -23,7 +23,7 @@ from diffusers import CogVideoXTransformer3DModel
 from diffusers.models.embeddings import get_3d_rotary_pos_embed, get_3d_sincos_pos_embed
 
 import sat_dist
-from cvx_fixtures import (random_weights, shape_table, tiny_params, to_diffusers, write_cogvideo_yaml, write_shipped,
+from cvx_fixtures import (dit_inputs, random_weights, shape_table, tiny_params, to_diffusers, write_cogvideo_yaml, write_shipped,
                           write_tiny_shipped)
 from sat_dist.testing.dist import run_ranks, values
 from sat_dist.models import TPInfo
@@ -37,15 +37,7 @@ CASES = {"2b": (2, 8, 12, 5), "5b": (2, 8, 12, 5), "5b_i2v": (3, 8, 12, 5), "15_
 
 
 def _inputs(kind: str) -> dict:
-    t, h, w, text = CASES[kind]
-    g = torch.Generator().manual_seed(42)
-    inp = {"x": torch.randn(2, t, 4, h, w, generator=g), "timesteps": torch.tensor([3.0, 811.0]),
-           "context": torch.randn(2, text, 24, generator=g)}
-    if kind.endswith("i2v"):
-        inp["concat_images"] = torch.randn(2, t, 4, h, w, generator=g)
-    if kind == "15_i2v":
-        inp["ofs"] = torch.tensor([2.0, 2.0])
-    return inp
+    return dit_inputs(kind, *CASES[kind], seed=42)
 
 
 def _reference(kind: str, params: dict, full: dict, eps_final: float = 1e-6) -> torch.Tensor:

@@ -27,7 +27,7 @@ from diffusers import CogVideoXTransformer3DModel
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
 
 import sat_dist
-from cvx_fixtures import load_params, random_weights, sat_split, shape_table, tiny_params, to_diffusers
+from cvx_fixtures import dit_inputs, load_params, random_weights, sat_split, shape_table, tiny_params, to_diffusers
 from sat_dist import formats
 from sat_dist.errors import CheckpointError, ConfigError
 from sat_dist.formats.diffusers_map import DIFFUSERS_DEFAULTS, sat_model_config, sources
@@ -63,15 +63,7 @@ def _write(root: str, kind: str, seed: int, shard: bool = False) -> tuple[dict, 
 
 
 def _inputs(kind: str) -> dict:
-    t, h, w, text = CASES[kind]
-    g = torch.Generator().manual_seed(7)
-    inp = {"x": torch.randn(2, t, 4, h, w, generator=g), "timesteps": torch.tensor([3.0, 811.0]),
-           "context": torch.randn(2, text, 24, generator=g)}
-    if kind.endswith("i2v"):
-        inp["concat_images"] = torch.randn(2, t, 4, h, w, generator=g)
-    if kind == "15_i2v":
-        inp["ofs"] = torch.tensor([2.0, 2.0])
-    return inp
+    return dit_inputs(kind, *CASES[kind], seed=7)
 
 
 def _reference(kind: str, folder: str, eps_final: float = 1e-6) -> torch.Tensor:

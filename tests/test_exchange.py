@@ -10,7 +10,6 @@ from storage and receives from its peers are counted exactly:
 * the SHA-256 digest is null unless asked for.
 """
 import os
-import time
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ import sat_dist
 from sat_dist import exchange
 from sat_dist.plan import ReadPlan, Target, assign_exchange
 from sat_dist.report import state_dict_digest
-from sat_dist.testing.dist import run_ranks, values
+from sat_dist.testing.dist import run_ranks, timed_group_load, values
 from sat_rules import CONFIGS, full_state_dict, sat_split, write_sat_checkpoint
 
 PLAIN = CONFIGS["plain"]
@@ -89,12 +88,7 @@ def _die_in_exchange(rank, path):
         def die(*a, **k):
             os._exit(3)
         exchange.C.broadcast_async = die
-    t = time.monotonic()
-    try:
-        sat_dist.load_model(path, tp=2, timeout_s=8)
-    except sat_dist.GroupLoadError as exc:
-        return str(exc), time.monotonic() - t
-    return "loaded", time.monotonic() - t
+    return timed_group_load(path, 2, 8)
 
 
 def test_peer_death_during_exchange_fails_the_group_within_timeout(ckpts):

@@ -8,7 +8,6 @@ import os
 import random
 
 import pytest
-import torch
 
 import sat_dist
 from sat_dist import formats

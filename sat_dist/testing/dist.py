@@ -109,3 +109,18 @@ def values(results: list[RankResult]) -> list[Any]:
     if bad:
         raise AssertionError("\n".join(f"rank {r.rank}: {r.error_type}: {r.error}\n{r.traceback or ''}" for r in bad))
     return [r.value for r in results]
+
+
+def timed_group_load(path: str, tp: int, timeout_s: float) -> tuple[str, float]:
+    """On a forked rank: load `path` and return (the GroupLoadError text, or "loaded"; seconds) —
+    for tests where a peer dies mid-load and the survivors must fail within the timeout."""
+    import time
+
+    import sat_dist
+
+    t = time.monotonic()
+    try:
+        sat_dist.load_model(path, tp=tp, timeout_s=timeout_s)
+    except sat_dist.GroupLoadError as exc:
+        return str(exc), time.monotonic() - t
+    return "loaded", time.monotonic() - t
