@@ -36,7 +36,7 @@ test: $(STAMP)
 	$(VENV)/bin/lint-imports .importlinter
 	$(VENV)/bin/python -m pytest -q tests $(PYTEST_ARGS)
 
-# soak : SOAK_TRIALS (50) randomized kill/stall/interrupt trials under torchrun and mpirun (tests/fault_lib.py):
+# soak : SOAK_TRIALS (50) randomized kill/stall/interrupt trials under torchrun, mpirun and srun (tests/fault_lib.py):
 # each prints its survivors' times to exit; the last line gives the worst. SOAK_ARGS: e.g. --seed 7 --timeout 8.
 # fuzz : the hypothesis fuzz targets (tests/test_fuzz.py) with FUZZ_EXAMPLES (5000) examples each.
 SOAK_TRIALS ?= 50

@@ -1,6 +1,7 @@
-"""Kill/stall trials: a real job under torchrun or mpirun, one rank held at a load phase by the
+"""Kill/stall trials: a real job under torchrun, mpirun or srun, one rank held at a load phase by the
 test-only pause hook (sat_dist/pause.py), then SIGKILLed, SIGSTOPped, or the launcher sent SIGINT
-(Ctrl-C). Every surviving rank must exit non-zero within --timeout + 5 s of the fault, and a stalled
+(Ctrl-C; under srun the two quick SIGINTs that abort a step, as a user's double Ctrl-C does).
+Every surviving rank must exit non-zero within --timeout + 5 s of the fault, and a stalled
 rank must be named by a survivor.
 
 `python tests/fault_lib.py --trials 50` (`make soak`) runs randomized trials and prints each and the
@@ -23,11 +24,11 @@ from typing import Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from launch_helpers import REPO, VENV_BIN, clean_env, kill_group  # noqa: E402
+from launch_helpers import REPO, VENV_BIN, clean_env, kill_group, require  # noqa: E402
 
 PHASES = ("rendezvous", "tag", "index", "plan", "read", "agree")
 SIGNALS = ("SIGKILL", "SIGSTOP", "SIGINT")
-LAUNCHERS = ("torchrun", "mpirun")
+LAUNCHERS = ("torchrun", "mpirun", "srun")
 BOUND_S = 5.0  # every survivor is out within --timeout + BOUND_S of the fault
 
 
@@ -76,6 +77,11 @@ def _command(t: Trial, ckpt: str, report: str) -> tuple[list[str], dict]:
 
         return [os.path.join(VENV_BIN, "torchrun"), "--nnodes=1", f"--nproc_per_node={t.world}",
                 "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}", "-m", "sat_dist", *load], {}
+    if t.launcher == "srun":
+        from launch_helpers import slurm_cluster
+
+        return [require("srun", hint="tests/cluster/slurm.sh up installs slurm-client"), "-n", str(t.world),
+                "--kill-on-bad-exit=1", os.path.join(VENV_BIN, "sat-dist"), *load], slurm_cluster()
     return [os.path.join(REPO, "launch", "mpirun.sh"), *load], {
         "NP": str(t.world), "MPIRUN": os.path.join(VENV_BIN, "mpirun"), "MPIRUN_ARGS": "--oversubscribe",
         "PYTHON": os.path.join(VENV_BIN, "python")}
@@ -139,6 +145,9 @@ def run_trial(t: Trial, ckpt: str, start_timeout: float = 90.0) -> Outcome:
         fault = time.monotonic()
         if t.sig == "SIGINT":
             os.kill(proc.pid, signal.SIGINT)
+            if t.launcher == "srun":  # srun's first Ctrl-C only reports; a second within 1 s aborts the step
+                time.sleep(0.2)
+                os.kill(proc.pid, signal.SIGINT)
             survivors = dict(pids)
         else:
             try:
