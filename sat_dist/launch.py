@@ -7,10 +7,8 @@ One explicit list of detectors, tried in order, so the same command line works u
 - SLURM (a task of an `srun` step): SLURM_PROCID/LOCALID/NODEID/STEP_NUM_TASKS; the master is the
   first host of the step's node list (`scontrol show hostnames`), the port a function of the job
   and step id, so every task computes the same address without talking to the others;
-- Open MPI (OMPI_COMM_WORLD_*) and MPICH/Hydra (PMI_RANK, PMI_SIZE, MPI_LOCALRANKID): nothing in the
-  environment names a host, so rank 0 picks its address and a free port and broadcasts them with
-  mpi4py (imported only here, only when needed).
-
+- Open MPI (OMPI_COMM_WORLD_*) and MPICH/Hydra (PMI_RANK, PMI_SIZE, MPI_LOCALRANKID): no variable
+  names a host, so rank 0 broadcasts its address and a free port with mpi4py (bounded by a timeout).
 Explicit MASTER_ADDR/MASTER_PORT always win. Nothing here creates a process group (`collectives`).
 """
 from __future__ import annotations
@@ -388,15 +386,15 @@ def detect_launch(env: Optional[Mapping[str, str]] = None, timeout_s: float = DE
 def rank_and_world(env: Optional[Mapping[str, str]] = None) -> tuple[int, Optional[int]]:
     """(rank, world size) as the launcher numbered this process, from its variables alone — no MPI
     exchange, so an error line after a failed exchange cannot start (and wait on) another one.
-    (-1, None) when no launcher variable says."""
+    (0, 1) without launcher variables; (-1, None) when they are malformed."""
     env = os.environ if env is None else env
-    for rank_key, size_key in (("RANK", "WORLD_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
-                               ("PMI_RANK", "PMI_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
-        try:
-            rank, world = env_int(env, rank_key), env_int(env, size_key)
-        except LaunchError:
-            continue
-        if rank is not None:
-            return rank, world
-    named = any(k in env for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"))
-    return (-1, None) if named else (0, 1)
+    keys = (("RANK", "WORLD_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"), ("PMI_RANK", "PMI_SIZE"),
+            ("SLURM_PROCID", "SLURM_NTASKS"))
+    rank_key, size_key = next(((r, w) for r, w in keys if r in env), (None, None))
+    if rank_key is None:
+        return 0, 1
+    try:
+        rank = env_int(env, rank_key)
+        return (-1, None) if rank is None else (rank, env_int(env, size_key))
+    except LaunchError:
+        return -1, None
