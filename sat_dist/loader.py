@@ -74,16 +74,11 @@ def load_model(
         if rt is not None:
             C.teardown(rt)
         if isinstance(exc, SatDistError):  # rank 0 writes the report: status "error", the ranks and causes
-            who = (rt.rank, rt.world_size) if rt is not None else launch_rank()
+            who = (rt.rank, rt.world_size) if rt is not None else rank_and_world()
             write_error_report(cfg.report if cfg else report, exc, cfg.checkpoint if cfg else checkpoint, *who)
         raise
     keep_runtime(rt)
     return (model, rep) if return_report else model
-
-
-def launch_rank() -> tuple[int, Optional[int]]:
-    """(rank, world size) from the launcher's environment, for a failure before the group formed."""
-    return rank_and_world()
 
 
 _RUNTIMES: list[Runtime] = []

@@ -35,11 +35,11 @@ def reader_for(path: str, tag: Optional[str] = None) -> ModuleType:
 
 
 def latest_tag(path: str) -> Optional[str]:
-    """The tag `<path>/latest` names, for the readers that resolve it (SAT, DeepSpeed); None when
-    there is no `latest` or the reader does not use it. The loader reads it once, on rank 0, and
+    """The tag `<path>/latest` names, for the readers that resolve it (`USES_LATEST`: SAT, DeepSpeed);
+    None when there is no `latest` or the reader does not use it. The loader reads it once, on rank 0, and
     every rank indexes that tag. A tag is one folder name: anything else is refused."""
     latest = os.path.join(path, "latest")
-    if not os.path.isfile(latest) or reader_for(path, None) not in (deepspeed, sat):
+    if not os.path.isfile(latest) or not getattr(reader_for(path, None), "USES_LATEST", False):
         return None
     try:
         with open(latest, "rb") as f:

@@ -8,6 +8,8 @@ A format is one module in `formats/` exposing:
   tensors the request's rank needs; errors name the file and the tensor;
 - `describe(path, tag) -> dict` — for `sat-dist inspect`: at least `format`, `root`, `summary`
   (lines of text) and `files` (`file`, `bytes`, `holds`), from headers/metadata only;
+- optionally `USES_LATEST = True` when `<path>/latest` names the folder to index (the loader then
+  reads it once, on rank 0, and passes the agreed tag);
 - `model_config(path) -> dict | None` — the model config the checkpoint carries, if any
   (`folder_model_config` for formats that keep SAT's `model_config.json` beside their files).
 

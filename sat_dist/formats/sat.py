@@ -17,6 +17,7 @@ from .base import IndexRequest, check_names, check_shape, folder_model_config, s
 from .torchfile import iter_tensors, load_structure, locate
 
 NAME = "sat"
+USES_LATEST = True  # `<root>/latest` names the iteration folder: the loader agrees it once
 MP_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 
 

@@ -27,6 +27,7 @@ from .states import load, run_dtype
 from . import zero12, zero3
 
 NAME = "deepspeed"
+USES_LATEST = True  # `<root>/latest` names the tag folder: the loader agrees it once
 # SAT-style trainings keep `model_config.json` beside `latest`.
 model_config = folder_model_config
 WEIGHTS = ("auto", "module", "fp32")
