@@ -49,7 +49,3 @@ class MalformedCheckpointError(CheckpointError):
 class IntegrityError(CheckpointError):
     """`--verify`: a file's bytes do not match its manifest (a flipped bit, a truncated or replaced
     file), or there is no usable manifest; names the file and the block."""
-
-
-class InterruptedLoadError(SatDistError):
-    """The load was interrupted (SIGINT/Ctrl-C) on this rank."""

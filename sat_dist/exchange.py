@@ -20,7 +20,6 @@ from . import collectives as C
 from .plan import Exchange, ReadPlan, assign_exchange, target_signatures
 from .runtime import Runtime
 
-MODES = ("auto", "off")
 BUCKET_BYTES = 4 << 20  # tensors smaller than this are packed per owner into one broadcast
 
 
