@@ -8,13 +8,13 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 from ..errors import CheckpointError, ConfigError
 from ..index import CheckpointIndex, Piece
 from ..placement import TensorSpec, files_needed
 from .base import IndexRequest, check_names, check_shape, folder_model_config, split_absent
-from .torchfile import iter_tensors, load_structure, locate
+from .torchfile import iter_tensors, load_structure, locate, tensor_bytes
 
 NAME = "sat"
 USES_LATEST = True  # `<root>/latest` names the iteration folder: the loader agrees it once
@@ -158,10 +158,6 @@ def index(req: IndexRequest) -> tuple[CheckpointIndex, list[str]]:
     return read_index(req.path, req.specs, req.tp, req.tp_rank, req.tag, req.prefix)
 
 
-def _tensor_bytes(obj: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in iter_tensors(obj))
-
-
 def describe(path: str, tag: Optional[str] = None) -> dict:
     """What each mp file holds, from its `data.pkl` only (`sat-dist inspect`)."""
     ckpt = discover(path, tag)
@@ -172,7 +168,7 @@ def describe(path: str, tag: Optional[str] = None) -> dict:
         dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in iter_tensors(module)})
         deepspeed = deepspeed or (isinstance(obj, dict) and "param_shapes" in obj)
         files.append({"file": os.path.relpath(f, path), "bytes": os.path.getsize(f), "mp_rank": i,
-                      "holds": f"module: {len(module)} tensors, {_tensor_bytes(module)} bytes "
+                      "holds": f"module: {len(module)} tensors, {tensor_bytes(module)} bytes "
                                f"({', '.join(dtypes)}), mp rank {i}'s TP shard",
                       "other_keys": sorted(k for k in obj if k != "module") if isinstance(obj, dict) else []})
     fmt = "deepspeed (ZeRO-0 or no optimizer saved)" if deepspeed else "sat"

@@ -77,6 +77,11 @@ def iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
             yield from iter_tensors(v)
 
 
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor in a nested structure (sizes only: nothing is read)."""
+    return sum(t.numel() * t.element_size() for t in iter_tensors(obj))
+
+
 def _records(path: str) -> dict[int, int]:
     """file offset -> size of every `data/<key>` storage record (central directory only)."""
     reader = torch._C.PyTorchFileReader(path)

@@ -12,7 +12,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
-from ..torchfile import iter_tensors
+from ..torchfile import tensor_bytes
 from .discovery import DeepSpeedCheckpoint, discover
 from .states import load, optim_state, run_dtype, stage_of
 
@@ -29,11 +29,6 @@ DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp
 
 def _numel(shape: Sequence[int]) -> int:
     return math.prod(int(s) for s in shape)
-
-
-def _tensor_bytes(obj: Any) -> int:
-    """Bytes of every tensor in a nested structure (sizes only: nothing is read)."""
-    return sum(t.numel() * t.element_size() for t in iter_tensors(obj))
 
 
 def _dtypes(tensors: Any) -> list[str]:
@@ -79,11 +74,11 @@ def _files(ckpt: DeepSpeedCheckpoint, path: str, stage: int, model0: dict, osd0:
             mod = obj.get("module") or {}
             real = {k: t for k, t in mod.items() if isinstance(t, torch.Tensor) and t.numel()}
             dtypes = ", ".join(_dtypes(real.values())) or "-"
-            holds = (f"module: {len(real)} real tensors ({_tensor_bytes(real)} bytes, {dtypes})"
+            holds = (f"module: {len(real)} real tensors ({tensor_bytes(real)} bytes, {dtypes})"
                      f"{'; ' + str(len(mod) - len(real)) + ' size-0 placeholders' if len(mod) > len(real) else ''}")
             ff = obj.get("frozen_param_fragments") or {}
             if ff:
-                holds += f"; frozen_param_fragments: {len(ff)} ({_tensor_bytes(ff)} bytes)"
+                holds += f"; frozen_param_fragments: {len(ff)} ({tensor_bytes(ff)} bytes)"
             out.append({"file": os.path.relpath(f, path), "bytes": os.path.getsize(f), "mp_rank": m,
                         "dp_rank": d if ckpt.zero3 else None, "holds": holds})
         for d, f in enumerate(ckpt.optim_files[m]):
@@ -94,8 +89,8 @@ def _files(ckpt: DeepSpeedCheckpoint, path: str, stage: int, model0: dict, osd0:
             out.append({
                 "file": os.path.relpath(f, path), "bytes": os.path.getsize(f), "mp_rank": m, "dp_rank": d,
                 "holds": f"{key}: {len(parts)} group(s), {sum(t.numel() for t in parts)} fp32 elements "
-                         f"({_tensor_bytes(parts)} bytes, the only bytes sat_dist reads); optimizer moments: "
-                         f"{_tensor_bytes(inner)} bytes (never read)",
+                         f"({tensor_bytes(parts)} bytes, the only bytes sat_dist reads); optimizer moments: "
+                         f"{tensor_bytes(inner)} bytes (never read)",
                 "partition_count": osd.get("partition_count"),
             })
     return out
