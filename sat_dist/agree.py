@@ -42,6 +42,7 @@ class RankStatus:
     digest: Optional[str] = None
     report: Optional[RankReport] = None
     dtypes: Optional[tuple] = None  # plan_dtypes(): (common stored dtype, the exceptions)
+    carry: Any = None  # what the phase also gathers (after planning: the exchange's target signatures)
 
 
 def describe(exc: BaseException) -> str:
@@ -118,15 +119,17 @@ def _dtype_problems(statuses: list[RankStatus]) -> dict[int, str]:
 
 
 def agree_phase(rt: Runtime, phase: str, error: Optional[BaseException], timeout_s: float,
-                dtypes: Optional[tuple[str, dict[str, str]]] = None) -> None:
+                dtypes: Optional[tuple[str, dict[str, str]]] = None, carry: Any = None) -> list[Any]:
     """Every rank reports whether `phase` succeeded (and, after planning, its stored dtypes); any
-    failure or disagreement fails all ranks identically."""
+    failure or disagreement fails all ranks identically. `carry` rides along in the same all-gather
+    (one collective less); returns every rank's, in rank order."""
     status = RankStatus(rt.rank, describe(error) if error else None, rt.tp_rank, rt.dp_rank)
-    status.dtypes = dtypes
+    status.dtypes, status.carry = dtypes, carry
     statuses = _gather(rt, status, phase, timeout_s)
     problems = {s.rank: s.error for s in statuses if s.error} or _dtype_problems(statuses)
     if problems:
         _raise(statuses, phase, problems)
+    return [s.carry for s in statuses]
 
 
 def finalize(model: nn.Module) -> None:

@@ -2,7 +2,7 @@
 reading and broadcast what they read (`load.exchange: auto|off`).
 
 `plan.assign_exchange` decides (pure) who reads what from every rank's target signatures, which
-one small object all-gather collects here. After `materialize` has read this rank's share, `run`
+the plan agreement's all-gather collects (`signatures`). After `materialize` has read this rank's share, `run`
 broadcasts each shared tensor from its owner: DP replicas over their DP group, tensors that every
 rank reads from the same file (replicated tensors of an mp=1 checkpoint) over the world. Tensors
 below `BUCKET_BYTES` travel packed, one broadcast per owner. A peer that dies or stalls fails the
@@ -12,7 +12,7 @@ GroupLoadError as the agreement's, naming the phase and the rank(s) that never a
 from __future__ import annotations
 
 import time
-from typing import Mapping
+from typing import Mapping, Optional, Sequence
 
 import torch
 
@@ -23,13 +23,21 @@ from .runtime import Runtime
 BUCKET_BYTES = 4 << 20  # tensors smaller than this are packed per owner into one broadcast
 
 
-def plan_exchange(rt: Runtime, plan: ReadPlan, mode: str = "auto", timeout_s: float = 300.0) -> Exchange:
-    """This rank's share of the reading. `auto`: exchange whenever some tensor is needed by more
-    than one rank (it then moves fewer bytes from storage); `off`: every rank reads all it needs."""
+def signatures(rt: Runtime, plan: ReadPlan, mode: str = "auto") -> Optional[dict[str, str]]:
+    """What this rank contributes to the exchange's planning (gathered with the plan agreement):
+    its target signatures, or None when it reads everything itself (`off`, or a world of one)."""
     if mode == "off" or rt.world_size == 1:
+        return None
+    return target_signatures(plan)
+
+
+def plan_exchange(rt: Runtime, plan: ReadPlan, tables: Sequence[Optional[Mapping[str, str]]]) -> Exchange:
+    """This rank's share of the reading, from every rank's `signatures` (`tables`, in rank order).
+    `auto`: exchange whenever some tensor is needed by more than one rank (it then moves fewer
+    bytes from storage); if any rank said `off`, every rank reads all it needs."""
+    if len(tables) <= 1 or any(t is None for t in tables):
         return assign_exchange(plan, [{}], 0, rt.tp, enabled=False)
-    tables = _gather(rt, target_signatures(plan), timeout_s)
-    return assign_exchange(plan, tables, rt.rank, rt.tp)
+    return assign_exchange(plan, list(tables), rt.rank, rt.tp)
 
 
 def run(rt: Runtime, ex: Exchange, tensors: Mapping[str, torch.Tensor], timeout_s: float) -> int:
@@ -86,12 +94,3 @@ def _unpacker(bucket: torch.Tensor, flat: list[torch.Tensor]):
 
 def _nothing() -> None:
     return None
-
-
-def _gather(rt: Runtime, sigs: dict[str, str], timeout_s: float) -> list[dict[str, str]]:
-    C.mark_arrival(rt, "exchange-plan")
-    t0 = time.monotonic()
-    try:
-        return C.all_gather_objects(sigs)
-    except Exception as exc:  # names the rank(s) that never came (collectives.unreachable)
-        raise C.unreachable(rt, "exchange-plan", exc, time.monotonic() - t0, timeout_s) from exc

@@ -117,10 +117,12 @@ def load_components(rt: Runtime, cfgs: Sequence[LoadConfig], t0: Optional[float]
             planned.append(_plan_component(rt, cfg, name if len(cfgs) > 1 else ""))
     except Exception as exc:  # reported to every rank below, never swallowed
         err = exc
-    agree_phase(rt, "plan", err, timeout, None if err else plan_dtypes([p for _, _, p in planned]))
+    sigs = None if err else [exchange.signatures(rt, p, c.exchange) for c, (_, _, p) in zip(cfgs, planned)]
+    tables = agree_phase(rt, "plan", err, timeout, None if err else plan_dtypes([p for _, _, p in planned]), sigs)
 
     try:
-        parts = [_load_component(rt, cfg, model, specs, plan, t0) for cfg, (model, specs, plan) in zip(cfgs, planned)]
+        parts = [_load_component(rt, cfg, model, specs, plan, [t[i] for t in tables], t0)
+                 for i, (cfg, (model, specs, plan)) in enumerate(zip(cfgs, planned))]
         status = parts[0] if len(parts) == 1 else _merge(rt, names, parts)
     except GroupLoadError:  # a peer died during the exchange: the group cannot agree any more
         raise
@@ -166,8 +168,9 @@ def _plan_component(rt: Runtime, cfg: LoadConfig, name: str):
         raise named from exc
 
 
-def _load_component(rt: Runtime, cfg: LoadConfig, model: nn.Module, specs: dict, plan, t0: float) -> RankStatus:
-    share = exchange.plan_exchange(rt, plan, cfg.exchange, cfg.timeout_s)
+def _load_component(rt: Runtime, cfg: LoadConfig, model: nn.Module, specs: dict, plan, tables: list,
+                    t0: float) -> RankStatus:
+    share = exchange.plan_exchange(rt, plan, tables)
     pause_point("read", rt.rank)
     if cfg.verify:  # the blocks under this rank's own reads (what it receives, its sender verified),
         err = None      # agreed before any collective of the read phase: every rank raises the same error
