@@ -1,10 +1,11 @@
 """The read paths of `materialize` give the same bytes (issue 14, warm-path performance).
 
-A strided run set (a row split: one short run per row) is read one of two ways: from a mapping
-of the file with one strided copy when its first row is in the page cache (RWF_NOWAIT), else
-with a pread per run (exact storage I/O for a cold cache). Both must place exactly the planned
-bytes; a span past the end of the file never gets mapped (it would fault) and fails as truncated.
-Fresh host targets are pre-faulted with one madvise each.
+A strided run set (a row split: one short run per row) is read chunk by chunk one of two ways:
+from a mapping of the file with one strided copy when cachestat says the chunk's pages are cached,
+else with a pread per run (exact storage I/O for a cold cache), after one WILLNEED of the rows
+left. Where the kernel cannot tell (before 6.5, not the file's owner), every run is pread. All must
+place exactly the planned bytes; a span past the end of the file is never mapped (it would
+fault) and fails as truncated. Fresh host targets are pre-faulted with one madvise each.
 """
 import os
 
@@ -47,48 +48,76 @@ GEOMETRIES = [
 ]
 
 
-@pytest.mark.parametrize("runs", GEOMETRIES)
-def test_mapped_and_pread_paths_place_the_same_bytes(blob, runs, monkeypatch):
-    path, data = blob
-    monkeypatch.setattr(M, "MAP_CHUNK", 64 << 10)  # many chunks, each rebased to the granularity
-    mapped = []
-    real_copy = M._copy_mapped
-    monkeypatch.setattr(M, "_copy_mapped", lambda *a: (mapped.append(a[1]), real_copy(*a))[1])
-    op, files = _op(path, runs), M._Files()
-    try:
-        warm = torch.empty(op.nbytes, dtype=torch.uint8)
-        assert M._read_op(files, op, warm) == op.nbytes
-        assert [rs for rs in runs if rs.count > 1] == mapped  # just written: cached, so mapped
-        monkeypatch.setattr(M, "_cached_first_row", lambda *a: False)
-        cold = torch.empty(op.nbytes, dtype=torch.uint8)
-        assert M._read_op(files, op, cold) == op.nbytes
-    finally:
-        files.close()
-    want = _expected(data, runs)
-    assert np.array_equal(warm.numpy(), want) and np.array_equal(cold.numpy(), want)
-
-
-def test_evicted_file_takes_the_exact_pread_path(blob, monkeypatch):
-    """After the pages are dropped, the RWF_NOWAIT probe of the first row reports a miss, so the
-    rows are pread one by one (no mapping: its faults would read other ranks' rows too)."""
-    path, data = blob
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-    mapped = []
-    monkeypatch.setattr(M, "_copy_mapped", lambda *a: mapped.append(a))
-    runs = (RunSet(1 << 20, 4096, 16384, 64),)
+def _read(path: str, runs: tuple) -> torch.Tensor:
     op, files = _op(path, runs), M._Files()
     try:
         buf = torch.empty(op.nbytes, dtype=torch.uint8)
         assert M._read_op(files, op, buf) == op.nbytes
     finally:
         files.close()
-    assert mapped == []
+    return buf
+
+
+def _evict(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture()
+def spies(monkeypatch):
+    """Records each chunk's cachestat verdict and each strided pread pass's prefetch flag."""
+    seen = {"cached": [], "prefetched": []}
+    real_cached, real_rows = M.span_cached, M._pread_rows
+    monkeypatch.setattr(M, "span_cached", lambda *a: seen["cached"].append(real_cached(*a)) or seen["cached"][-1])
+    monkeypatch.setattr(M, "_pread_rows", lambda *a: seen["prefetched"].append(real_rows(*a)) or seen["prefetched"][-1])
+    monkeypatch.setattr(M, "MAP_CHUNK", 64 << 10)  # many chunks, each rebased to the granularity
+    return seen
+
+
+@pytest.mark.parametrize("runs", GEOMETRIES)
+def test_mapped_and_pread_paths_place_the_same_bytes(blob, runs, spies, monkeypatch):
+    path, data = blob
+    want = _expected(data, runs)
+    strided = any(rs.count > 1 for rs in runs)
+    warm = _read(path, runs)  # just written: every chunk cached, so copied from the mapping
+    assert np.array_equal(warm.numpy(), want)
+    assert spies["cached"] and all(spies["cached"]) if strided else not spies["cached"]
+    assert spies["prefetched"] == []
+    monkeypatch.setattr(M, "span_cached", lambda *a: None)
+    blind = _read(path, runs)  # the kernel cannot say (before 6.5, not the owner): pread per run
+    assert np.array_equal(blind.numpy(), want)
+    assert spies["prefetched"] == ([False] * len(spies["prefetched"])) and (bool(spies["prefetched"]) == strided)
+
+
+def test_cold_rows_are_pread_after_one_prefetch(blob, spies):
+    """Dropped pages: cachestat reports the chunks missing, so the rows are pread (a fault on a mapping
+    would read other ranks' rows too), after one WILLNEED of every remaining row."""
+    path, data = blob
+    runs = (RunSet(1 << 20, 4096, 16384, 64),)
+    _evict(path)
+    buf = _read(path, runs)
     assert np.array_equal(buf.numpy(), _expected(data, runs))
+    assert spies["cached"][0] is False and spies["prefetched"][0] is True
+    assert all(spies["prefetched"])  # once issued, it stays issued for the run set
+
+
+def test_partly_cached_file_mixes_both_paths(blob, spies):
+    path, data = blob
+    runs = (RunSet(100, 3000, 9000, 300),)  # 2.6 MiB span, 64 KiB chunks
+    _evict(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:  # bring back the first 256 KiB only (no readahead past it)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        os.pread(fd, 256 << 10, 0)
+    finally:
+        os.close(fd)
+    buf = _read(path, runs)
+    assert np.array_equal(buf.numpy(), _expected(data, runs))
+    assert True in spies["cached"] and False in spies["cached"]
 
 
 def test_span_past_the_end_is_truncated_not_mapped(blob):
@@ -101,6 +130,22 @@ def test_span_past_the_end_is_truncated_not_mapped(blob):
     finally:
         files.close()
     assert path in str(info.value) and "'w'" in str(info.value)
+
+
+def test_span_cached_follows_the_page_cache(blob):
+    path, _ = blob
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert M.span_cached(fd, 5, SIZE - 10) is True  # just written
+        _evict(path)
+        assert M.span_cached(fd, 0, SIZE) is False
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        os.pread(fd, 3 * 4096, 4096)  # pages 1-3 only
+        assert M.span_cached(fd, 4096 + 1, 3 * 4096 - 2) is True
+        assert M.span_cached(fd, 4096, 3 * 4096 + 1) is False  # one byte into page 4
+        assert M.span_cached(fd, 4095, 2) is False  # page 0 is not cached
+    finally:
+        os.close(fd)
 
 
 def _rss() -> int:
