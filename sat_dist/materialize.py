@@ -1,13 +1,18 @@
-"""Execute a ReadPlan: allocate each local tensor once on the device, pread only planned bytes.
+"""Execute a ReadPlan: allocate each local tensor once on the device, read only planned bytes.
 
-A small pool of reader threads (`os.preadv` releases the GIL) reads ahead of the thread that
-places the bytes, so reading, casting and copying to the device overlap:
+A small pool of reader threads (`os.preadv` releases the GIL; one reader: this thread) reads ahead
+of the thread that places the bytes, so reading, casting and copying to the device overlap:
 
-* CPU, stored dtype, contiguous destination box: the readers pread straight into the tensor.
+* CPU, stored dtype, contiguous destination box: the readers read straight into the tensor.
 * Otherwise: into one of `readers + 1` staging buffers (pinned for CUDA), then `copy_` into the
   destination box, which casts and moves. On CUDA the copy from the pinned buffer is `non_blocking`
   (into a device staging buffer when it must also cast or scatter, which then happens on the GPU),
   and an event per buffer says when the readers may refill it: the next read overlaps the transfer.
+
+How bytes are fetched: a contiguous run is one preadv (the next op's runs announced with
+WILLNEED); strided runs (a row split) are copied from a mapping where the page cache holds them,
+else pread row by row after one WILLNEED of the rows (`_read_strided`). Fresh host targets are
+pre-faulted with one madvise each (`prefault`).
 
 Host memory is the local shard (CPU) plus the staging buffers (the planner cuts every op to the
 staging budget divided by the number of buffers), never the checkpoint size. `bytes_read` counts
@@ -173,6 +178,23 @@ def _pread_rows(fd: int, op: CopyOp, rs: RunSet, rows: range, view: memoryview, 
     return prefetched
 
 
+def _copy_mapped(fd: int, rs: RunSet, r0: int, r1: int, out: torch.Tensor) -> bool:
+    """Copy runs `r0 .. r1` of `rs` into `out` with one strided copy from a private mapping of their
+    span; False (nothing copied) where the file cannot be mapped (some FUSE and special files)."""
+    lo, hi = rs.first + r0 * rs.step, rs.first + (r1 - 1) * rs.step + rs.length
+    base = lo - lo % mmap.ALLOCATIONGRANULARITY
+    try:
+        mm = mmap.mmap(fd, hi - base, access=mmap.ACCESS_COPY, offset=base)
+    except OSError:
+        return False
+    with mm:
+        mm.madvise(mmap.MADV_RANDOM)  # evicted since cachestat: a fault reads that page alone, no neighbours
+        src = torch.frombuffer(mm, dtype=torch.uint8).as_strided((r1 - r0, rs.length), (rs.step, 1), lo - base)
+        out.view(r1 - r0, rs.length).copy_(src)
+        del src  # releases the buffer, so the mapping can close
+    return True
+
+
 def _read_strided(fd: int, op: CopyOp, rs: RunSet, view: memoryview, out: torch.Tensor, pos: int) -> None:
     """Read the runs of `rs` (one per row of a row split) into `out[pos:]`, MAP_CHUNK bytes of file
     at a time. A chunk whose span is all in the page cache (`span_cached`) is copied from a private
@@ -186,14 +208,7 @@ def _read_strided(fd: int, op: CopyOp, rs: RunSet, view: memoryview, out: torch.
         r1 = min(rs.count, r0 + per)
         lo, hi = rs.first + r0 * rs.step, rs.first + (r1 - 1) * rs.step + rs.length
         n = (r1 - r0) * rs.length
-        if span_cached(fd, lo, hi - lo):
-            base = lo - lo % mmap.ALLOCATIONGRANULARITY
-            with mmap.mmap(fd, hi - base, access=mmap.ACCESS_COPY, offset=base) as mm:
-                mm.madvise(mmap.MADV_RANDOM)  # evicted since: a fault reads that page alone, no neighbours
-                src = torch.frombuffer(mm, dtype=torch.uint8).as_strided((r1 - r0, rs.length), (rs.step, 1), lo - base)
-                out[pos:pos + n].view(r1 - r0, rs.length).copy_(src)
-                del src  # releases the buffer, so the mapping can close
-        else:
+        if not (span_cached(fd, lo, hi - lo) and _copy_mapped(fd, rs, r0, r1, out[pos:pos + n])):
             prefetched = _pread_rows(fd, op, rs, range(r0, r1), view, pos, prefetched)
         pos += n
 

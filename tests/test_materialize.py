@@ -161,3 +161,17 @@ def test_prefault_makes_fresh_targets_resident():
     assert done >= (64 << 20) - 2 * 4096  # all but the partial pages at both ends
     assert grown >= done - (1 << 20)  # resident now, before any write
     assert M.prefault([torch.empty(100, dtype=torch.uint8)]) == 0  # small tensors: not worth a call
+
+
+def test_unmappable_file_falls_back_to_pread(blob, spies, monkeypatch):
+    """A file system that cannot map (some FUSE mounts) still loads, row by row."""
+    path, data = blob
+
+    def refuse(*a, **k):
+        raise OSError(19, "No such device")
+
+    monkeypatch.setattr(M.mmap, "mmap", refuse)
+    runs = (RunSet(100, 3000, 9000, 300),)
+    buf = _read(path, runs)
+    assert np.array_equal(buf.numpy(), _expected(data, runs))
+    assert all(spies["cached"]) and spies["prefetched"]  # cached, yet read by the pread path
