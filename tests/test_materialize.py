@@ -1,7 +1,8 @@
 """The read paths of `materialize` give the same bytes (issue 14, warm-path performance).
 
 A strided run set (a row split: one short run per row) is read chunk by chunk one of two ways:
-from a mapping of the file with one strided copy when cachestat says the chunk's pages are cached,
+from a mapping of the file with one strided copy when cachestat says the chunk's pages are cached
+(but for a few, each then read alone on its fault),
 else with a pread per run (exact storage I/O for a cold cache), after one WILLNEED of the rows
 left. Where the kernel cannot tell (before 6.5, not the file's owner), every run is pread. All must
 place exactly the planned bytes; a span past the end of the file is never mapped (it would
@@ -71,8 +72,14 @@ def _evict(path: str) -> None:
 def spies(monkeypatch):
     """Records each chunk's cachestat verdict and each strided pread pass's prefetch flag."""
     seen = {"cached": [], "prefetched": []}
-    real_cached, real_rows = M.span_cached, M._pread_rows
-    monkeypatch.setattr(M, "span_cached", lambda *a: seen["cached"].append(real_cached(*a)) or seen["cached"][-1])
+    real_missing, real_rows = M.pages_missing, M._pread_rows
+
+    def missing(*a):
+        n = real_missing(*a)
+        seen["cached"].append(n is not None and n * M.MAP_MISSING <= a[2] // 4096)
+        return n
+
+    monkeypatch.setattr(M, "pages_missing", missing)
     monkeypatch.setattr(M, "_pread_rows", lambda *a: seen["prefetched"].append(real_rows(*a)) or seen["prefetched"][-1])
     monkeypatch.setattr(M, "MAP_CHUNK", 64 << 10)  # many chunks, each rebased to the granularity
     return seen
@@ -87,7 +94,7 @@ def test_mapped_and_pread_paths_place_the_same_bytes(blob, runs, spies, monkeypa
     assert np.array_equal(warm.numpy(), want)
     assert spies["cached"] and all(spies["cached"]) if strided else not spies["cached"]
     assert spies["prefetched"] == []
-    monkeypatch.setattr(M, "span_cached", lambda *a: None)
+    monkeypatch.setattr(M, "pages_missing", lambda *a: None)
     blind = _read(path, runs)  # the kernel cannot say (before 6.5, not the owner): pread per run
     assert np.array_equal(blind.numpy(), want)
     assert spies["prefetched"] == ([False] * len(spies["prefetched"])) and (bool(spies["prefetched"]) == strided)
@@ -132,20 +139,41 @@ def test_span_past_the_end_is_truncated_not_mapped(blob):
     assert path in str(info.value) and "'w'" in str(info.value)
 
 
-def test_span_cached_follows_the_page_cache(blob):
+def test_pages_missing_follows_the_page_cache(blob):
     path, _ = blob
     fd = os.open(path, os.O_RDONLY)
     try:
-        assert M.span_cached(fd, 5, SIZE - 10) is True  # just written
+        assert M.pages_missing(fd, 5, SIZE - 10) == 0  # just written
         _evict(path)
-        assert M.span_cached(fd, 0, SIZE) is False
+        assert M.pages_missing(fd, 0, SIZE) == SIZE // 4096
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         os.pread(fd, 3 * 4096, 4096)  # pages 1-3 only
-        assert M.span_cached(fd, 4096 + 1, 3 * 4096 - 2) is True
-        assert M.span_cached(fd, 4096, 3 * 4096 + 1) is False  # one byte into page 4
-        assert M.span_cached(fd, 4095, 2) is False  # page 0 is not cached
+        assert M.pages_missing(fd, 4096 + 1, 3 * 4096 - 2) == 0
+        assert M.pages_missing(fd, 4096, 3 * 4096 + 1) == 1  # one byte into page 4
+        assert M.pages_missing(fd, 4095, 2) == 1  # page 0 is not cached
+        assert M.pages_missing(fd, 0, 10 * 4096) == 7
     finally:
         os.close(fd)
+
+
+def test_a_few_evicted_pages_still_map_and_read_exactly(blob, spies, monkeypatch):
+    """The kernel evicts a page here and there; a chunk missing a few pages is still mapped
+    (each missing page read alone on its fault), and the bytes are exact."""
+    path, data = blob
+    runs = (RunSet(100, 3000, 9000, 300),)  # 2.6 MiB span, 64 KiB chunks
+    monkeypatch.setattr(M, "MAP_CHUNK", 1 << 20)  # 256 pages: up to 4 may be missing
+    _evict(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:  # page by page (no readahead), all but a few
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        for page in set(range(SIZE // 4096)) - {3, 40, 41, 300, 600}:
+            os.pread(fd, 4096, page * 4096)
+        assert M.pages_missing(fd, 0, SIZE) == 5
+    finally:
+        os.close(fd)
+    buf = _read(path, runs)
+    assert np.array_equal(buf.numpy(), _expected(data, runs))
+    assert all(spies["cached"]) and spies["prefetched"] == []
 
 
 def _rss() -> int:
