@@ -64,7 +64,9 @@ def pages_missing(fd: int, offset: int, length: int) -> Optional[int]:
         return None
     page = mmap.PAGESIZE
     stat = _Cachestat()
-    if _libc.syscall(_SYS_CACHESTAT, fd, ctypes.byref(_CachestatRange(offset, length)), ctypes.byref(stat), 0):
+    rng = _CachestatRange(offset, length)
+    if _libc.syscall(ctypes.c_long(_SYS_CACHESTAT), ctypes.c_uint(fd), ctypes.byref(rng), ctypes.byref(stat),
+                     ctypes.c_uint(0)):
         return None
     return max(0, (offset + length - 1) // page - offset // page + 1 - stat.nr_cache)
 
