@@ -194,7 +194,7 @@ def blocks_read(plan: ReadPlan, block_bytes: int, sizes: Mapping[str, int],
         for rs in op.runs:
             if rs.count == 0 or rs.length == 0:
                 continue
-            last_end = rs.first + (rs.count - 1) * rs.step + rs.length
+            last_end = rs.span()[1]
             if rs.count == 1 or rs.step - rs.length < block_bytes:  # gaps shorter than a block: all touched
                 blocks.update(range(rs.first // block_bytes, (last_end - 1) // block_bytes + 1))
             else:

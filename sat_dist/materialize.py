@@ -184,7 +184,7 @@ def _pread_rows(fd: int, op: CopyOp, rs: RunSet, rows: range, view: memoryview, 
 def _copy_mapped(fd: int, rs: RunSet, r0: int, r1: int, out: torch.Tensor) -> bool:
     """Copy runs `r0 .. r1` of `rs` into `out` with one strided copy from a private mapping of their
     span; False (nothing copied) where the file cannot be mapped (some FUSE and special files)."""
-    lo, hi = rs.first + r0 * rs.step, rs.first + (r1 - 1) * rs.step + rs.length
+    lo, hi = rs.span(r0, r1)
     base = lo - lo % mmap.ALLOCATIONGRANULARITY
     try:
         mm = mmap.mmap(fd, hi - base, access=mmap.ACCESS_COPY, offset=base)
@@ -210,7 +210,7 @@ def _read_strided(fd: int, op: CopyOp, rs: RunSet, view: memoryview, out: torch.
     prefetched = False
     for r0 in range(0, rs.count, per):
         r1 = min(rs.count, r0 + per)
-        lo, hi = rs.first + r0 * rs.step, rs.first + (r1 - 1) * rs.step + rs.length
+        lo, hi = rs.span(r0, r1)
         n = (r1 - r0) * rs.length
         missing = pages_missing(fd, lo, hi - lo)
         mapped = missing is not None and missing * MAP_MISSING <= (hi - lo) // mmap.PAGESIZE
@@ -225,8 +225,9 @@ def _prefetch_contiguous(files: _Files, op: CopyOp) -> None:
     call per run; on cached pages it only looks them up. Strided runs prefetch themselves."""
     fd = files.fd(op.file)
     for rs in op.runs:
-        if rs.count == 1 or rs.step == rs.length:
-            os.posix_fadvise(fd, rs.first, rs.nbytes, os.POSIX_FADV_WILLNEED)
+        if rs.nbytes and not rs.strided:  # (a zero length would mean "to the end of the file")
+            lo, hi = rs.span()
+            os.posix_fadvise(fd, lo, hi - lo, os.POSIX_FADV_WILLNEED)
 
 
 def _read_op(files: _Files, op: CopyOp, buf: torch.Tensor) -> int:
@@ -237,8 +238,7 @@ def _read_op(files: _Files, op: CopyOp, buf: torch.Tensor) -> int:
     view = memoryview(buf.numpy()).cast("B")
     pos = 0
     for rs in op.runs:
-        end = rs.first + (rs.count - 1) * rs.step + rs.length
-        if rs.count > 1 and rs.step > rs.length and end <= size:
+        if rs.strided and rs.span()[1] <= size:
             _read_strided(fd, op, rs, view, buf, pos)
             pos += rs.nbytes
             continue

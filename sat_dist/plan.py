@@ -35,6 +35,16 @@ class RunSet:
     def nbytes(self) -> int:
         return self.length * self.count
 
+    @property
+    def strided(self) -> bool:
+        """More than one run, with gaps between them (a row split: one run per row)."""
+        return self.count > 1 and self.step > self.length
+
+    def span(self, start: int = 0, stop: Optional[int] = None) -> tuple[int, int]:
+        """File bytes [lo, hi) from the first byte of run `start` to the end of run `stop - 1`."""
+        stop = self.count if stop is None else stop
+        return self.first + start * self.step, self.first + (stop - 1) * self.step + self.length
+
     def runs(self) -> Iterator[tuple[int, int]]:
         for i in range(self.count):
             yield self.first + i * self.step, self.length

@@ -200,10 +200,10 @@ def run_bench(ckpt: str, world: int, tp: int, cold: bool = False, repeat: int = 
         res = MethodResult(method, skipped=_available(method, is_st))
         result.methods.append(res)
     if not cold:  # a known state: how earlier runs left the page cache (small folios after exact cold
-        # reads, pages evicted since) changes mapped copies by up to 2x, so drop it and read the files
-        # sequentially, as a first read of a checkpoint would; evicted pages are read again each run
+        # reads, pages evicted since) changes mapped copies by up to 2x, so drop it once; each run then
+        # reads the files sequentially first (the first time from storage, as a first read of a
+        # checkpoint would; later, only pages evicted since)
         result.cache = f"warm (after {drop_cache(files)} and one sequential read)"
-        warm_cache(files)
     for rnd in range(repeat):
         for res in result.methods:
             if res.skipped:
