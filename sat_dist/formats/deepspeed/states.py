@@ -81,9 +81,10 @@ def check_dp(path: str, key: str, value: Any, dp: int, tag_dir: str) -> None:
         raise CheckpointError(f"{path}: {key}={value!r} is not a data-parallel size; the file is not a complete "
                               f"DeepSpeed save: copy this tag's files again from the training run")
     if max(counts) != dp:
-        gone = list(range(dp, max(counts)))
-        named = (f" (missing: the files of dp rank(s) {gone[:8]}, *zero_pp_rank_{gone[0]}_mp_rank_XX_*_states.pt"
-                 f"{' ...' if len(gone) > 1 else ''})" if gone else "")
+        # the saved count is untrusted: name the first missing ranks without building the whole range
+        gone = range(dp, max(counts))
+        named = (f" (missing: the files of dp rank(s) {list(gone[:8])}, *zero_pp_rank_{gone[0]}_mp_rank_XX_*_states.pt"
+                 f"{' ...' if len(gone) > 1 else ''})" if len(gone) > 0 else "")
         raise CheckpointError(
             f"{path} says {key}={max(counts)} (the data-parallel size it was saved with) but {tag_dir} holds {dp} "
             f"optimizer partition file(s) per model-parallel rank{named}: partition files are missing or left over "
