@@ -125,6 +125,27 @@ def test_load_and_forward_match_diffusers_at_tp_1_2(folders, case):
     print(f"\n[diffusers load] {case}: worst |ours - diffusers| / max|ref| = {WORST[case]:.2e} over TP 1, 2")
 
 
+def _split_run(rank, path, tp, inputs):
+    model = sat_dist.load_model(path, tp=tp, overrides=["model.adaln_split=true"])
+    with torch.no_grad():
+        out = model(**inputs)
+    return out, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("kind", ["5b", "15_i2v"])
+def test_adaln_split_layout_from_a_diffusers_folder(folders, kind):
+    """The opt-in split layout reads its row/column blocks of diffusers' renamed and re-cut tensors
+    (norm1/norm2.linear = chunk pairs of SAT's fused modulation) and still equals diffusers' forward."""
+    full, folder = folders[kind]
+    ref = _reference(kind, folder)
+    rows = [k for k in full if "adaLN_modulation" in k or "text_proj" in k]
+    for rank, (out, sd) in enumerate(values(run_ranks(2, _split_run, folder, 2, _inputs(kind)))):
+        assert (out - ref).abs().max().item() <= REL_TOL * ref.abs().max().item(), (kind, rank)
+        for name in rows:
+            assert torch.equal(sd[name], full[name].chunk(2, 0)[rank]), (kind, rank, name)
+        assert torch.equal(sd["time_embed.0.weight"], full["time_embed.0.weight"].chunk(2, 1)[rank])
+
+
 def test_map_tiles_every_sat_tensor_as_the_fixture_conversion_does():
     """Each Source's boxes hold exactly what cvx_fixtures.to_diffusers puts in that diffusers
     tensor, and together they cover every stored SAT tensor once."""

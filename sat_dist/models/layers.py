@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..placement import REPLICATED, Layout, TensorSpec
-from .tp_ops import reduce_from_tp
+from .tp_ops import gather_last_dim_from_tp, reduce_from_tp
 
 Shape = tuple[int, ...]
 
@@ -71,6 +71,22 @@ class RowParallelLinear(_Sharded):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = reduce_from_tp(F.linear(x, self.weight), self.tp.group)
         return y if self.bias is None else y + self.bias
+
+
+class GatheredColumnLinear(ColumnParallelLinear):
+    """A column split whose output is all-gathered: every rank gets the whole output from 1/TP of
+    the weight (for replicated linears with a small output, e.g. CogVideoX's AdaLN modulations)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gather_last_dim_from_tp(super().forward(x), self.tp.group)
+
+
+class ScatteredRowLinear(RowParallelLinear):
+    """A row split fed the whole input: each rank multiplies its slice of the input features and
+    the partial products are all-reduced (for replicated linears whose output TP need not divide)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.chunk(self.tp.size, dim=-1)[self.tp.rank])
 
 
 class VocabParallelEmbedding(_Sharded):

@@ -22,14 +22,10 @@ from torch import nn
 from ..layers import TPInfo
 from .config import DiTConfig
 from .modules import (AdaLN, Basic3DPositionEmbedding, DiTTransformer, FinalLayer, ImagePatchEmbedding,
-                      Rotary3DPositionEmbedding, SwiGLU)
+                      Rotary3DPositionEmbedding, SwiGLU, time_mlp)
 from .tables import timestep_embedding
 
 CHECKPOINT_PREFIX = "model.diffusion_model."  # the DiT's keys inside a CogVideo SAT checkpoint
-
-
-def _time_mlp(dim_in: int, dim: int, dtype: torch.dtype) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(dim_in, dim, dtype=dtype), nn.SiLU(), nn.Linear(dim, dim, dtype=dtype))
 
 
 class CogVideoXDiT(nn.Module):
@@ -45,14 +41,14 @@ class CogVideoXDiT(nn.Module):
         # Registration order = SAT's: BaseModel's mixins and transformer, then time/ofs embeddings.
         self.mixins = nn.ModuleDict()
         self.transformer = DiTTransformer(a, tp, dtype)
-        self.time_embed = _time_mlp(a.hidden, a.time_dim, dtype)
+        self.time_embed = time_mlp(tp, a.hidden, a.time_dim, dtype, split=a.adaln_split)
         if a.ofs_dim is not None:
-            self.ofs_embed = _time_mlp(a.ofs_dim, a.ofs_dim, dtype)
+            self.ofs_embed = time_mlp(tp, a.ofs_dim, a.ofs_dim, dtype, split=False)
         pos_cls = Basic3DPositionEmbedding if a.pos == "basic3d" else Rotary3DPositionEmbedding
         self.mixins["pos_embed"] = pos_cls(a, dtype)
-        self.mixins["patch_embed"] = ImagePatchEmbedding(a, dtype)
+        self.mixins["patch_embed"] = ImagePatchEmbedding(a, dtype, tp)
         self.mixins["adaln_layer"] = AdaLN(a, dtype, tp)
-        self.mixins["final_layer"] = FinalLayer(a, dtype)
+        self.mixins["final_layer"] = FinalLayer(a, dtype, tp)
         if a.swiglu:
             self.mixins["swiglu"] = SwiGLU(a, tp, dtype)
         self.requires_grad_(False)

@@ -16,14 +16,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...placement import REPLICATED, TensorSpec
-from ..layers import ColumnParallelLinear, Embedding, LayerNorm, RowParallelLinear, TPInfo
-from ..tp_ops import gather_last_dim_from_tp
+from ..layers import (ColumnParallelLinear, Embedding, GatheredColumnLinear, LayerNorm, RowParallelLinear,
+                      ScatteredRowLinear, TPInfo)
 from .config import DiTArch
 from .tables import modulate, rope_freqs_3d, rope_video, sincos_3d
 
 # (text/video split, cos, sin) for Rotary3D, or None
 Rope = Optional[tuple[int, torch.Tensor, torch.Tensor]]
 QKNorm = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def conditioning_linear(a: DiTArch, tp: TPInfo, d_in: int, d_out: int, dtype: torch.dtype) -> nn.Module:
+    """A linear that SAT replicates on every TP rank (AdaLN modulations, text projection): with
+    `adaln_split` (sat_dist's opt-in layout) column-split, its output all-gathered."""
+    if a.adaln_split:
+        return GatheredColumnLinear(d_in, d_out, tp, True, dtype=dtype)
+    return nn.Linear(d_in, d_out, dtype=dtype)
+
+
+def time_mlp(tp: TPInfo, dim_in: int, dim: int, dtype: torch.dtype, split: bool) -> nn.Sequential:
+    """time_embed / ofs_embed: Linear, SiLU, Linear. With `split` (adaln_split on time_embed) the
+    first linear is row-split on its input features (the hidden size, which TP divides) and
+    all-reduced; the second [time_dim, time_dim] stays replicated: TP need not divide time_dim."""
+    first = ScatteredRowLinear(dim_in, dim, tp, True, dtype=dtype) if split else nn.Linear(dim_in, dim, dtype=dtype)
+    return nn.Sequential(first, nn.SiLU(), nn.Linear(dim, dim, dtype=dtype))
 
 
 # --- transformer (SAT BaseTransformer after the mixins' reinit) ---------------------------------
@@ -230,7 +246,7 @@ class ImagePatchEmbedding(nn.Module):
     """mixins.patch_embed: v1.0 Conv2d(in, h, p, p) per frame; 1.5 Linear(in*pt*ph*pw, h) on
     (c, o, p, q)-ordered patches; text_proj(context) goes first in the sequence."""
 
-    def __init__(self, a: DiTArch, dtype: torch.dtype):
+    def __init__(self, a: DiTArch, dtype: torch.dtype, tp: Optional[TPInfo] = None):
         super().__init__()
         self.arch = a
         p = a.patch
@@ -238,7 +254,7 @@ class ImagePatchEmbedding(nn.Module):
             self.proj = nn.Conv2d(a.in_channels, a.hidden, kernel_size=p[1], stride=p[1], bias=a.patch_bias, dtype=dtype)
         else:
             self.proj = nn.Linear(a.in_channels * p[0] * p[1] * p[2], a.hidden, dtype=dtype)
-        self.text_proj = nn.Linear(a.text_hidden, a.hidden, dtype=dtype)
+        self.text_proj = conditioning_linear(a, tp or TPInfo(), a.text_hidden, a.hidden, dtype)
 
     def forward(self, images: torch.Tensor, context: torch.Tensor, thw: tuple[int, int, int]) -> torch.Tensor:
         b, t, c = images.shape[:3]
@@ -264,11 +280,9 @@ class AdaLN(nn.Module):
         super().__init__()
         self.arch, self.tp = a, tp or TPInfo()
 
-        def linear() -> nn.Module:
-            if a.adaln_split:
-                return ColumnParallelLinear(a.time_dim, 12 * a.hidden, self.tp, True, dtype=dtype)
-            return nn.Linear(a.time_dim, 12 * a.hidden, dtype=dtype)
-        self.adaLN_modulations = nn.ModuleList([nn.Sequential(nn.SiLU(), linear()) for _ in range(a.layers)])
+        self.adaLN_modulations = nn.ModuleList(
+            [nn.Sequential(nn.SiLU(), conditioning_linear(a, self.tp, a.time_dim, 12 * a.hidden, dtype))
+             for _ in range(a.layers)])
         if a.qk_ln:
             self.query_layernorm_list = nn.ModuleList(
                 [LayerNorm(a.head_dim, eps=1e-6, elementwise_affine=a.affine, dtype=dtype) for _ in range(a.layers)])
@@ -277,10 +291,7 @@ class AdaLN(nn.Module):
 
     def modulations(self, i: int, emb: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Layer i's 12 [b, h] chunks: video shift/scale/gate for attention and MLP, then text's."""
-        out = self.adaLN_modulations[i](emb)
-        if self.arch.adaln_split:
-            out = gather_last_dim_from_tp(out, self.tp.group)
-        return out.chunk(12, dim=1)
+        return self.adaLN_modulations[i](emb).chunk(12, dim=1)
 
     def qk_norm(self, i: int, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer i's per-head q/k LayerNorms (qk_ln), applied inside the attention."""
@@ -292,12 +303,12 @@ class AdaLN(nn.Module):
 class FinalLayer(nn.Module):
     """mixins.final_layer: torch LayerNorm (eps 1e-6), adaLN shift/scale, Linear, unpatchify."""
 
-    def __init__(self, a: DiTArch, dtype: torch.dtype):
+    def __init__(self, a: DiTArch, dtype: torch.dtype, tp: Optional[TPInfo] = None):
         super().__init__()
         self.arch = a
         self.norm_final = nn.LayerNorm(a.hidden, eps=1e-6, elementwise_affine=a.affine, dtype=dtype)
         self.linear = nn.Linear(a.hidden, a.patch[0] * a.patch[1] * a.patch[2] * a.out_channels, dtype=dtype)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(a.time_dim, 2 * a.hidden, dtype=dtype))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), conditioning_linear(a, tp or TPInfo(), a.time_dim, 2 * a.hidden, dtype))
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, thw: tuple[int, int, int]) -> torch.Tensor:
         """FinalLayerMixin.final_forward + unpatchify: the video tokens [B, T*H*W, h] of patch grid
