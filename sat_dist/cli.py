@@ -26,9 +26,9 @@ def _add_load_args(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
     p.add_argument("--report", default=None, metavar="PATH", help="write the JSON load report here (rank 0)")
     p.add_argument("--timeout", type=float, default=None, dest="timeout_s",
                    help="seconds before a missing peer or rendezvous fails the load (default 300)")
-    p.add_argument("--exchange", choices=["auto", "off"], default=None,
-                   help="auto (default): ranks that need the same bytes split the reads and broadcast them; "
-                        "off: every rank reads all it needs")
+    p.add_argument("--exchange", choices=["auto", "on", "off"], default=None,
+                   help="on: ranks that need the same bytes split the reads and broadcast them; off: every rank "
+                        "reads all it needs; auto (default): on when the job spans several hosts or uses CUDA")
     p.add_argument("--digest", action="store_true", default=None,
                    help="put the SHA-256 state-dict digest in the report (default: only with --report)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

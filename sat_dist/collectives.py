@@ -1,8 +1,9 @@
 """The process group's lifecycle and every load-time collective.
 
 Keeping them in one module makes the communication pattern auditable: a load creates (or joins)
-the default group, the TP groups and the DP groups, then does two object all-gathers (plan agreement,
-final agreement), plus, when ranks share bytes, the exchange's signature all-gather and broadcasts.
+the default group, the TP groups and the DP groups, then does three object all-gathers (the
+`latest` tag, the plan agreement carrying the exchange offers, the final agreement), plus, when the
+exchange is on, its broadcasts.
 The TP forward collectives live with the models (`models/tp_ops.py`). The video engine adds its CFG
 pairs (two DP replicas) and their one all-gather per denoising step (`cfg_pair_group`, `all_gather_pair`).
 No wait on a peer is unbounded: collectives carry the group timeout, store calls run under `_bounded`,

@@ -49,7 +49,8 @@ class LoadConfig:
     tag: Optional[str] = None  # iteration folder to load instead of `latest`
     weights: str = "auto"  # DeepSpeed ZeRO-1/2: auto|module = module weights, fp32 = fp32 master partitions
     report: Optional[str] = None
-    exchange: str = "auto"  # auto: ranks needing the same bytes split the reads and broadcast; off: each reads all
+    exchange: str = "auto"  # on: ranks needing the same bytes split the reads and broadcast; off: each reads all;
+    # auto: on when the ranks span several kernels (hosts) or use CUDA (exchange.wanted)
     digest: Optional[bool] = None  # SHA-256 state-dict digest in the report; None: only when a report file is written
     readers: Optional[int] = None  # reader threads per rank; None: this rank's share of the cores, 1..4
     progress: Optional[bool] = None  # rank 0's progress bar; None: on a TTY (shown for loads past ~2 s)
@@ -167,9 +168,9 @@ def resolve(
     if cfg.weights not in ("auto", "module", "fp32"):
         raise ConfigError(f"--weights must be auto, module or fp32, got {cfg.weights!r}")
     if isinstance(cfg.exchange, bool):  # YAML reads a bare `off` / `on` as a boolean
-        cfg.exchange = "auto" if cfg.exchange else "off"
-    if cfg.exchange not in ("auto", "off"):
-        raise ConfigError(f"--exchange must be auto or off, got {cfg.exchange!r}")
+        cfg.exchange = "on" if cfg.exchange else "off"
+    if cfg.exchange not in ("auto", "on", "off"):
+        raise ConfigError(f"--exchange must be auto, on or off, got {cfg.exchange!r}")
     if cfg.readers is not None and cfg.readers < 1:
         raise ConfigError(f"load.readers must be >= 1, got {cfg.readers}")
     return cfg

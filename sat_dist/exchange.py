@@ -1,8 +1,8 @@
 """Each byte read from storage once per job: the ranks that need the same tensor bytes split the
-reading and broadcast what they read (`load.exchange: auto|off`).
+reading and broadcast what they read (`load.exchange: auto|on|off`; `wanted` says when auto is on).
 
 `plan.assign_exchange` decides (pure) who reads what from every rank's target signatures, which
-the plan agreement's all-gather collects (`signatures`). After `materialize` has read this rank's share, `run`
+the plan agreement's all-gather collects (`signatures` makes this rank's `Offer`). After `materialize` has read this rank's share, `run`
 broadcasts each shared tensor from its owner: DP replicas over their DP group, tensors that every
 rank reads from the same file (replicated tensors of an mp=1 checkpoint) over the world. Tensors
 below `BUCKET_BYTES` travel packed, one broadcast per owner. A peer that dies or stalls fails the
@@ -12,6 +12,7 @@ GroupLoadError as the agreement's, naming the phase and the rank(s) that never a
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
 import torch
@@ -23,21 +24,43 @@ from .runtime import Runtime
 BUCKET_BYTES = 4 << 20  # tensors smaller than this are packed per owner into one broadcast
 
 
-def signatures(rt: Runtime, plan: ReadPlan, mode: str = "auto") -> Optional[dict[str, str]]:
-    """What this rank contributes to the exchange's planning (gathered with the plan agreement):
-    its target signatures, or None when it reads everything itself (`off`, or a world of one)."""
-    if mode == "off" or rt.world_size == 1:
-        return None
-    return target_signatures(plan)
+@dataclass(frozen=True)
+class Offer:
+    """What one rank brings to the exchange's planning (gathered with the plan agreement): its mode,
+    the kernel it runs on (ranks on one kernel share a page cache), its device type, and its
+    target signatures (None when it reads everything itself)."""
+
+    mode: str
+    kernel: str
+    device: str
+    signatures: Optional[dict[str, str]]
 
 
-def plan_exchange(rt: Runtime, plan: ReadPlan, tables: Sequence[Optional[Mapping[str, str]]]) -> Exchange:
-    """This rank's share of the reading, from every rank's `signatures` (`tables`, in rank order).
-    `auto`: exchange whenever some tensor is needed by more than one rank (it then moves fewer
-    bytes from storage); if any rank said `off`, every rank reads all it needs."""
-    if len(tables) <= 1 or any(t is None for t in tables):
+def signatures(rt: Runtime, plan: ReadPlan, mode: str = "auto") -> Offer:
+    """This rank's Offer for the plan agreement's all-gather."""
+    sigs = None if mode == "off" or rt.world_size == 1 else target_signatures(plan)
+    return Offer(mode, rt.kernel, rt.device.type, sigs)
+
+
+def wanted(offers: Sequence[Offer]) -> bool:
+    """Whether the ranks exchange (the same answer on every rank: all see the same offers). Any
+    `off` reads everything locally; any `on` exchanges. `auto` exchanges when it moves fewer bytes
+    from storage: only when the ranks span several kernels, since ranks on one kernel share its
+    page cache (what one rank read from storage the others copy from memory), or on CUDA, where one
+    NCCL broadcast may beat every rank copying the bytes through host memory (not yet measured).
+    On one CPU host the broadcasts only add work (measured: TP2 x DP2, 0.91 s on vs 0.83 s off)."""
+    if len(offers) <= 1 or any(o.mode == "off" or o.signatures is None for o in offers):
+        return False
+    if any(o.mode == "on" for o in offers):
+        return True
+    return len({o.kernel for o in offers}) > 1 or any(o.device == "cuda" for o in offers)
+
+
+def plan_exchange(rt: Runtime, plan: ReadPlan, offers: Sequence[Optional[Offer]]) -> Exchange:
+    """This rank's share of the reading, from every rank's Offer (in rank order)."""
+    if not all(isinstance(o, Offer) for o in offers) or not wanted(offers):
         return assign_exchange(plan, [{}], 0, rt.tp, enabled=False)
-    return assign_exchange(plan, list(tables), rt.rank, rt.tp)
+    return assign_exchange(plan, [o.signatures for o in offers], rt.rank, rt.tp)
 
 
 def run(rt: Runtime, ex: Exchange, tensors: Mapping[str, torch.Tensor], timeout_s: float) -> int:

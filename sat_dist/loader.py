@@ -117,11 +117,11 @@ def load_components(rt: Runtime, cfgs: Sequence[LoadConfig], t0: Optional[float]
             planned.append(_plan_component(rt, cfg, name if len(cfgs) > 1 else ""))
     except Exception as exc:  # reported to every rank below, never swallowed
         err = exc
-    sigs = None if err else [exchange.signatures(rt, p, c.exchange) for c, (_, _, p) in zip(cfgs, planned)]
-    tables = agree_phase(rt, "plan", err, timeout, None if err else plan_dtypes([p for _, _, p in planned]), sigs)
+    offers = None if err else [exchange.signatures(rt, p, c.exchange) for c, (_, _, p) in zip(cfgs, planned)]
+    offers = agree_phase(rt, "plan", err, timeout, None if err else plan_dtypes([p for _, _, p in planned]), offers)
 
     try:
-        parts = [_load_component(rt, cfg, model, specs, plan, [t[i] for t in tables], t0)
+        parts = [_load_component(rt, cfg, model, specs, plan, [o[i] for o in offers], t0)
                  for i, (cfg, (model, specs, plan)) in enumerate(zip(cfgs, planned))]
         status = parts[0] if len(parts) == 1 else _merge(rt, names, parts)
     except GroupLoadError:  # a peer died during the exchange: the group cannot agree any more
@@ -168,9 +168,9 @@ def _plan_component(rt: Runtime, cfg: LoadConfig, name: str):
         raise named from exc
 
 
-def _load_component(rt: Runtime, cfg: LoadConfig, model: nn.Module, specs: dict, plan, tables: list,
+def _load_component(rt: Runtime, cfg: LoadConfig, model: nn.Module, specs: dict, plan, offers: list,
                     t0: float) -> RankStatus:
-    share = exchange.plan_exchange(rt, plan, tables)
+    share = exchange.plan_exchange(rt, plan, offers)
     pause_point("read", rt.rank)
     if cfg.verify:  # the blocks under this rank's own reads (what it receives, its sender verified),
         err = None      # agreed before any collective of the read phase: every rank raises the same error

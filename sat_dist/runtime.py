@@ -57,6 +57,16 @@ def pick_device(local_rank: int, requested: Optional[str] = None) -> torch.devic
     return torch.device("cpu")
 
 
+def kernel_id() -> str:
+    """Which running kernel this rank is on (its boot_id; the host name where there is none): ranks
+    on one kernel share its page cache, so a byte one of them read from storage is in memory for all."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip() or socket.gethostname()
+    except OSError:
+        return socket.gethostname()
+
+
 def pick_backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
@@ -69,6 +79,7 @@ class Runtime:
     mesh: Mesh
     device: torch.device
     host: str = field(default_factory=socket.gethostname)
+    kernel: str = field(default_factory=lambda: kernel_id())  # looked up per Runtime (tests simulate hosts)
     tp_group: object = None  # torch.distributed.ProcessGroup, set by collectives.setup
     dp_group: object = None  # this rank's DP group (same TP rank), set by collectives.setup; None if dp == 1
     owns_process_group: bool = False

@@ -34,7 +34,7 @@ def ckpts(tmp_path_factory):
     return full, roots
 
 
-def _load(rank, path, tp, mode="auto", readers=4, digest=True):
+def _load(rank, path, tp, mode="on", readers=4, digest=True):
     model, rep = sat_dist.load_model(path, tp=tp, return_report=True, digest=digest, exchange=mode,
                                      overrides=[f"load.readers={readers}"])
     return {k: v.clone() for k, v in model.state_dict().items()}, rep.ranks[rank]
@@ -52,18 +52,18 @@ def _stored_tensor_bytes(root):
 @pytest.mark.parametrize("n,tp,world", [(1, 2, 4), (2, 2, 4), (1, 1, 2), (2, 1, 2), (1, 4, 4), (2, 4, 4)])
 def test_exchange_gives_every_rank_its_sat_split(ckpts, n, tp, world):
     full, roots = ckpts
-    auto = values(run_ranks(world, _load, roots[n], tp))
+    on = values(run_ranks(world, _load, roots[n], tp))
     off = values(run_ranks(world, _load, roots[n], tp, "off", 1))
-    for rank, ((state, rep), (_, rep_off)) in enumerate(zip(auto, off)):
+    for rank, ((state, rep), (_, rep_off)) in enumerate(zip(on, off)):
         want = {k: sat_split(k, v, tp, rank % tp, PLAIN) for k, v in full.items()}
         assert all(torch.equal(state[k], want[k]) for k in want), (n, tp, world, rank)
         assert rep.digest == rep_off.digest == state_dict_digest(want)
         assert rep_off.bytes_read == rep_off.bytes_needed and rep_off.bytes_received == 0
         assert rep.bytes_read + rep.bytes_received == rep.bytes_needed  # fp32 stored and loaded
     if n in (1, tp):  # every stored byte is needed: each is read once
-        assert sum(r.bytes_read for _, r in auto) == _stored_tensor_bytes(roots[n])
+        assert sum(r.bytes_read for _, r in on) == _stored_tensor_bytes(roots[n])
     else:  # replicated copies only partly needed: one DP replica's reads, no more
-        assert sum(r.bytes_read for _, r in auto) == sum(r.bytes_read for _, r in off if r.dp_rank == 0)
+        assert sum(r.bytes_read for _, r in on) == sum(r.bytes_read for _, r in off if r.dp_rank == 0)
 
 
 def test_tp2_dp2_job_reads_each_stored_byte_once(ckpts):
@@ -77,6 +77,40 @@ def test_tp2_dp2_job_reads_each_stored_byte_once(ckpts):
     assert max(r.bytes_read for r in reps) <= 0.5 * stored  # the reading is shared
 
 
+def _load_on_kernels(rank, path, kernels):
+    """`auto` on forked ranks that pretend to run on the kernels `kernels[rank]` (hosts)."""
+    import sat_dist.runtime
+    sat_dist.runtime.kernel_id = lambda: kernels[rank]
+    return _load(rank, path, 2, "auto")
+
+
+@pytest.mark.parametrize("kernels", [("a", "a", "a", "a"), ("a", "a", "b", "b")])
+def test_auto_exchanges_only_across_kernels_on_cpu(ckpts, kernels):
+    """TP2 x DP2: on one kernel the page cache already makes each stored byte one storage read, so
+    `auto` reads locally (no broadcasts); across two "hosts" (the DP replicas on different kernels)
+    it exchanges, and the job reads each stored byte once."""
+    full, roots = ckpts
+    reps = [r for _, r in values(run_ranks(4, _load_on_kernels, roots[1], kernels))]
+    stored = _stored_tensor_bytes(roots[1])
+    if len(set(kernels)) == 1:
+        assert all(r.bytes_received == 0 and r.bytes_read == r.bytes_needed for r in reps)
+    else:
+        assert sum(r.bytes_read for r in reps) == stored and all(r.bytes_received > 0 for r in reps)
+
+
+def test_wanted_modes_kernels_and_devices():
+    from sat_dist.exchange import Offer, wanted
+
+    def offers(modes, kernels="aa", devices=("cpu", "cpu")):
+        return [Offer(m, k, d, {} if m != "off" else None) for m, k, d in zip(modes, kernels, devices)]
+    assert not wanted(offers(["auto", "auto"]))  # one CPU host: the page cache shares the reads
+    assert wanted(offers(["auto", "auto"], "ab"))  # two hosts
+    assert wanted(offers(["auto", "auto"], devices=("cuda", "cuda")))
+    assert wanted(offers(["on", "auto"])) and wanted(offers(["on", "on"]))
+    assert not wanted(offers(["off", "on"], "ab")) and not wanted(offers(["auto", "off"], "ab"))
+    assert not wanted(offers(["on"], "a"))  # a world of one
+
+
 def test_digest_null_unless_asked(ckpts, tmp_path):
     _, roots = ckpts
     (_, rep), = values(run_ranks(1, _load, roots[1], 1, "auto", 4, None))
@@ -88,7 +122,7 @@ def _die_in_exchange(rank, path):
         def die(*a, **k):
             os._exit(3)
         exchange.C.broadcast_async = die
-    return timed_group_load(path, 2, 8)
+    return timed_group_load(path, 2, 8, exchange="on")
 
 
 def test_peer_death_during_exchange_fails_the_group_within_timeout(ckpts):
@@ -161,9 +195,9 @@ def _load_bf16(rank, path, mode, bucket):
 @pytest.mark.parametrize("bucket", [0, 1 << 30])
 def test_exchange_of_cast_tensors_in_place_and_packed(ckpts, bucket):
     _, roots = ckpts
-    auto = values(run_ranks(4, _load_bf16, roots[1], "auto", bucket))
+    on = values(run_ranks(4, _load_bf16, roots[1], "on", bucket))
     off = values(run_ranks(4, _load_bf16, roots[1], "off", bucket))
-    assert [r.digest for r in auto] == [r.digest for r in off]
-    assert all(r.bytes_received > 0 for r in auto)
+    assert [r.digest for r in on] == [r.digest for r in off]
+    assert all(r.bytes_received > 0 for r in on)
     # received bytes are the cast (bf16) tensors: half the stored fp32 bytes they stand for
-    assert sum(2 * r.bytes_received + r.bytes_read for r in auto) == sum(r.bytes_needed for r in auto)
+    assert sum(2 * r.bytes_received + r.bytes_read for r in on) == sum(r.bytes_needed for r in on)

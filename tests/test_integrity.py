@@ -158,7 +158,7 @@ def test_manifest_is_validated(tmp_path):
 
 
 def _load_dp(rank, path):
-    sat_dist.load_model(path, tp=1, verify=True, timeout_s=60)
+    sat_dist.load_model(path, tp=1, verify=True, timeout_s=60, exchange="on")
     return "loaded"
 
 

@@ -111,7 +111,7 @@ def values(results: list[RankResult]) -> list[Any]:
     return [r.value for r in results]
 
 
-def timed_group_load(path: str, tp: int, timeout_s: float) -> tuple[str, float]:
+def timed_group_load(path: str, tp: int, timeout_s: float, exchange: Optional[str] = None) -> tuple[str, float]:
     """On a forked rank: load `path` and return (the GroupLoadError text, or "loaded"; seconds) —
     for tests where a peer dies mid-load and the survivors must fail within the timeout."""
     import time
@@ -120,7 +120,7 @@ def timed_group_load(path: str, tp: int, timeout_s: float) -> tuple[str, float]:
 
     t = time.monotonic()
     try:
-        sat_dist.load_model(path, tp=tp, timeout_s=timeout_s)
+        sat_dist.load_model(path, tp=tp, timeout_s=timeout_s, exchange=exchange)
     except sat_dist.GroupLoadError as exc:
         return str(exc), time.monotonic() - t
     return "loaded", time.monotonic() - t
