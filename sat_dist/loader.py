@@ -54,7 +54,7 @@ def load_model(
     Returns the module (eval mode, no grads, TP collectives in its forward); with
     `return_report=True`, `(module, LoadReport)`. The process group stays up for the forward;
     `sat_dist.shutdown()` destroys it if sat_dist created it. `digest`: put the SHA-256 state-dict
-    digest in the report (default: only when `report` names a file to write); `exchange`: auto|off
+    digest in the report (default: only when `report` names a file to write); `exchange`: auto|on|off
     (ranks that need the same bytes split the reads); `progress`: rank 0's bar (default: on a TTY);
     `verify`: check every block this rank reads against the checkpoint's manifest (True) or the one at
     that path (integrity.py). On failure, a `report` file gets status "error", the ranks and causes.
