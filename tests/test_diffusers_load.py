@@ -126,24 +126,28 @@ def test_load_and_forward_match_diffusers_at_tp_1_2(folders, case):
 
 
 def _split_run(rank, path, tp, inputs):
-    model = sat_dist.load_model(path, tp=tp, overrides=["model.adaln_split=true"])
+    model, rep = sat_dist.load_model(path, tp=tp, overrides=["model.adaln_split=true"], exchange="on",
+                                     return_report=True)
     with torch.no_grad():
         out = model(**inputs)
-    return out, {k: v.clone() for k, v in model.state_dict().items()}
+    return out, {k: v.clone() for k, v in model.state_dict().items()}, rep.ranks[rank]
 
 
 @pytest.mark.parametrize("kind", ["5b", "15_i2v"])
 def test_adaln_split_layout_from_a_diffusers_folder(folders, kind):
     """The opt-in split layout reads its row/column blocks of diffusers' renamed and re-cut tensors
-    (norm1/norm2.linear = chunk pairs of SAT's fused modulation) and still equals diffusers' forward."""
+    (norm1/norm2.linear = chunk pairs of SAT's fused modulation) and still equals diffusers' forward;
+    TP2 x DP2 with the exchange on: the DP replicas split the reading of those blocks too."""
     full, folder = folders[kind]
     ref = _reference(kind, folder)
     rows = [k for k in full if "adaLN_modulation" in k or "text_proj" in k]
-    for rank, (out, sd) in enumerate(values(run_ranks(2, _split_run, folder, 2, _inputs(kind)))):
+    for rank, (out, sd, rep) in enumerate(values(run_ranks(4, _split_run, folder, 2, _inputs(kind)))):
+        tp_rank = rank % 2
         assert (out - ref).abs().max().item() <= REL_TOL * ref.abs().max().item(), (kind, rank)
         for name in rows:
-            assert torch.equal(sd[name], full[name].chunk(2, 0)[rank]), (kind, rank, name)
-        assert torch.equal(sd["time_embed.0.weight"], full["time_embed.0.weight"].chunk(2, 1)[rank])
+            assert torch.equal(sd[name], full[name].chunk(2, 0)[tp_rank]), (kind, rank, name)
+        assert torch.equal(sd["time_embed.0.weight"], full["time_embed.0.weight"].chunk(2, 1)[tp_rank])
+        assert rep.bytes_received > 0 and rep.bytes_read < rep.bytes_needed, (kind, rank)
 
 
 def test_map_tiles_every_sat_tensor_as_the_fixture_conversion_does():

@@ -111,6 +111,23 @@ def test_wanted_modes_kernels_and_devices():
     assert not wanted(offers(["on"], "a"))  # a world of one
 
 
+def test_exchange_from_a_safetensors_file_tp2_dp2(ckpts, tmp_path):
+    """The exchange is format-blind: from a .safetensors file (written by safetensors' save_file) the
+    TP2 x DP2 job reads each stored tensor byte once and every rank ends with the digest of `off`."""
+    import json
+    from safetensors.torch import save_file
+
+    full, _ = ckpts
+    path = str(tmp_path / "model.safetensors")
+    save_file(full, path, metadata={"format": "pt", "model_config": json.dumps(
+        {"model_class": "BaseModel", **PLAIN, "model_parallel_size": 1})})
+    on = [r for _, r in values(run_ranks(4, _load, path, 2, "on"))]
+    off = [r for _, r in values(run_ranks(4, _load, path, 2, "off"))]
+    assert [r.digest for r in on] == [r.digest for r in off]
+    assert sum(r.bytes_read for r in on) == sum(t.numel() * t.element_size() for t in full.values())
+    assert all(r.bytes_read + r.bytes_received == r.bytes_needed and r.bytes_received > 0 for r in on)
+
+
 def test_digest_null_unless_asked(ckpts, tmp_path):
     _, roots = ckpts
     (_, rep), = values(run_ranks(1, _load, roots[1], 1, "auto", 4, None))
