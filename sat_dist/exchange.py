@@ -19,6 +19,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 
 from . import collectives as C
+from .materialize import Stripe
 from .plan import Exchange, ReadPlan, assign_exchange, target_signatures
 from .runtime import Runtime
 
@@ -63,6 +64,18 @@ def plan_exchange(rt: Runtime, plan: ReadPlan, offers: Sequence[Optional[Offer]]
     if not all(isinstance(o, Offer) for o in offers) or not wanted(offers):
         return assign_exchange(plan, [{}], 0, rt.tp, enabled=False)
     return assign_exchange(plan, [o.signatures for o in offers], rt.rank, rt.tp)
+
+
+def stripe(rt: Runtime, offers: Sequence[Optional[Offer]]) -> Optional[Stripe]:
+    """This rank's Stripe when every rank of its TP group runs on its kernel (they share its page
+    cache, so whole rows asked for by one arrive for all); None at TP=1 or across kernels, where a
+    rank asks for its own rows only."""
+    group = next(g for g in rt.mesh.tp_groups() if rt.rank in g)
+    if len(group) < 2 or not all(isinstance(offers[r], Offer) for r in group):
+        return None
+    if len({offers[r].kernel for r in group}) > 1:
+        return None
+    return Stripe(group.index(rt.rank), len(group))
 
 
 def run(rt: Runtime, ex: Exchange, tensors: Mapping[str, torch.Tensor], timeout_s: float) -> int:

@@ -184,7 +184,7 @@ def _load_component(rt: Runtime, cfg: LoadConfig, model: nn.Module, specs: dict,
     bar = Progress(show and rt.rank == 0, own, rt.world_size)
     try:
         tensors, stats = materialize(plan, rt.device, share.read, pick_readers(cfg.readers, rt.launch.local_world_size),
-                                     bar.update)
+                                     bar.update, exchange.stripe(rt, offers))
     finally:
         bar.close()
     received = exchange.run(rt, share, tensors, cfg.timeout_s)

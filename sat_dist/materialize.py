@@ -11,7 +11,8 @@ of the thread that places the bytes, so reading, casting and copying to the devi
 
 How bytes are fetched: a contiguous run is one preadv (the next op's runs announced with
 WILLNEED); strided runs (a row split) are copied from a mapping where the page cache holds them,
-else pread row by row after one WILLNEED of the rows (`_read_strided`). Fresh host targets are
+else pread row by row after WILLNEED of the rows, or, with TP peers on the same kernel, of this
+rank's turns of whole-row chunks (`Stripe`; `_read_strided`). Fresh host targets are
 pre-faulted with one madvise each (`prefault`).
 
 Host memory is the local shard (CPU) plus the staging buffers (the planner cuts every op to the
@@ -157,11 +158,40 @@ def _pread(fd: int, view: memoryview, pos: int, end: int, offset: int, op: CopyO
         offset += n
 
 
-def _pread_rows(fd: int, op: CopyOp, rs: RunSet, rows: range, view: memoryview, pos: int, prefetched: bool) -> bool:
+@dataclass(frozen=True)
+class Stripe:
+    """This rank's turn (`index` of `count`) among the TP peers on its kernel, who need the other
+    slices of its strided rows. On a cold row split each of them asks storage for every `count`-th
+    MAP_CHUNK of whole rows, one large request each, instead of every rank asking for each of its rows
+    (thousands of page-sized requests): the page cache they share brings each rank its rows from
+    the requests of all. The job's storage bytes stay the same (the peers read those pages anyway);
+    measured cold at TP=4: 1.08x the limit instead of 1.47x."""
+
+    index: int
+    count: int
+
+
+def _prefetch_rows(fd: int, rs: RunSet, start: int, stripe: Optional[Stripe]) -> None:
+    """POSIX_FADV_WILLNEED (queued, not waited for) for runs `start ..` of `rs`: each run, or with
+    `stripe` this rank's turns of whole-row chunks."""
+    if stripe is None:
+        for j in range(start, rs.count):
+            os.posix_fadvise(fd, rs.first + j * rs.step, rs.length, os.POSIX_FADV_WILLNEED)
+        return
+    per = max(1, MAP_CHUNK // rs.step)
+    for c in range(start // per, -(-rs.count // per)):
+        if c % stripe.count == stripe.index:
+            a, b = max(start, c * per), min(rs.count, (c + 1) * per)
+            os.posix_fadvise(fd, rs.first + a * rs.step, (b - a) * rs.step, os.POSIX_FADV_WILLNEED)
+
+
+def _pread_rows(fd: int, op: CopyOp, rs: RunSet, rows: range, view: memoryview, pos: int, prefetched: bool,
+                stripe: Optional[Stripe] = None) -> bool:
     """pread runs `rows` of `rs` into `view[pos:]`, one by one. Until one misses the page cache
-    (RWF_NOWAIT says so without waiting), nothing else is asked; at the first miss every remaining run
-    of `rs` is queued with POSIX_FADV_WILLNEED, so storage serves them all at once instead of one
-    synchronous request at a time (about 3x faster cold). Returns whether that prefetch was issued."""
+    (RWF_NOWAIT says so without waiting), nothing else is asked; at the first miss the remaining runs
+    of `rs` are queued with POSIX_FADV_WILLNEED (`_prefetch_rows`), so storage serves them all at once
+    instead of one synchronous request at a time (about 3x faster cold). Returns whether that
+    prefetch was issued.""" 
     nowait = getattr(os, "RWF_NOWAIT", None)
     for i in rows:
         offset, at = rs.first + i * rs.step, pos + (i - rows.start) * rs.length
@@ -173,8 +203,7 @@ def _pread_rows(fd: int, op: CopyOp, rs: RunSet, rows: range, view: memoryview, 
                 except OSError:  # EAGAIN: not cached; EOPNOTSUPP: the file system cannot say
                     got = 0
             if got < rs.length:
-                for j in range(i, rs.count):
-                    os.posix_fadvise(fd, rs.first + j * rs.step, rs.length, os.POSIX_FADV_WILLNEED)
+                _prefetch_rows(fd, rs, i, stripe)
                 prefetched = True
         if got < rs.length:
             _pread(fd, view, at + got, at + rs.length, offset + got, op)
@@ -198,7 +227,8 @@ def _copy_mapped(fd: int, rs: RunSet, r0: int, r1: int, out: torch.Tensor) -> bo
     return True
 
 
-def _read_strided(fd: int, op: CopyOp, rs: RunSet, view: memoryview, out: torch.Tensor, pos: int) -> None:
+def _read_strided(fd: int, op: CopyOp, rs: RunSet, view: memoryview, out: torch.Tensor, pos: int,
+                  stripe: Optional[Stripe] = None) -> None:
     """Read the runs of `rs` (one per row of a row split) into `out[pos:]`, MAP_CHUNK bytes of file
     at a time. A chunk whose span is in the page cache but for at most 1/MAP_MISSING of its pages
     (`pages_missing`; the kernel evicts a few pages here and there) is copied from a private mapping
@@ -215,7 +245,7 @@ def _read_strided(fd: int, op: CopyOp, rs: RunSet, view: memoryview, out: torch.
         missing = pages_missing(fd, lo, hi - lo)
         mapped = missing is not None and missing * MAP_MISSING <= (hi - lo) // mmap.PAGESIZE
         if not (mapped and _copy_mapped(fd, rs, r0, r1, out[pos:pos + n])):
-            prefetched = _pread_rows(fd, op, rs, range(r0, r1), view, pos, prefetched)
+            prefetched = _pread_rows(fd, op, rs, range(r0, r1), view, pos, prefetched, stripe)
         pos += n
 
 
@@ -230,7 +260,7 @@ def _prefetch_contiguous(files: _Files, op: CopyOp) -> None:
             os.posix_fadvise(fd, lo, hi - lo, os.POSIX_FADV_WILLNEED)
 
 
-def _read_op(files: _Files, op: CopyOp, buf: torch.Tensor) -> int:
+def _read_op(files: _Files, op: CopyOp, buf: torch.Tensor, stripe: Optional[Stripe] = None) -> int:
     """Read every byte run of `op` into `buf` (uint8, op.nbytes), in order: contiguous runs with one
     pread each, strided runs (a row split) by `_read_strided`."""
     fd = files.fd(op.file)
@@ -239,7 +269,7 @@ def _read_op(files: _Files, op: CopyOp, buf: torch.Tensor) -> int:
     pos = 0
     for rs in op.runs:
         if rs.strided and rs.span()[1] <= size:
-            _read_strided(fd, op, rs, view, buf, pos)
+            _read_strided(fd, op, rs, view, buf, pos, stripe)
             pos += rs.nbytes
             continue
         for offset, length in rs.runs():
@@ -303,9 +333,10 @@ def _slices(op: CopyOp) -> tuple[slice, ...]:
 
 def materialize(plan: ReadPlan, device: torch.device, read: Optional[Collection[str]] = None,
                 readers: int = READERS, on_bytes: Optional[Callable[[int], None]] = None,
-                ) -> tuple[dict[str, torch.Tensor], ReadStats]:
+                stripe: Optional[Stripe] = None) -> tuple[dict[str, torch.Tensor], ReadStats]:
     """Allocate every target on `device` and fill those in `read` (default: all) by executing
-    their ops with `readers` threads (1: this thread); `on_bytes(n)` is told of every op's bytes (progress)."""
+    their ops with `readers` threads (1: this thread); `on_bytes(n)` is told of every op's bytes
+    (progress); `stripe`: this rank's turn among TP peers sharing its page cache (cold row splits)."""
     stats = ReadStats()
     tensors = {name: torch.empty(t.shape, dtype=t.dtype, device=device) for name, t in plan.targets.items()}
     prefault(tensors.values())
@@ -341,7 +372,7 @@ def materialize(plan: ReadPlan, device: torch.device, read: Optional[Collection[
                         slot = free.popleft()
                         slot.ready()
                     buf = dst.reshape(-1).view(torch.uint8) if dr else slot.host[: op.nbytes]
-                    pending.append((op, pool.submit(_read_op, files, op, buf), dst, slot))
+                    pending.append((op, pool.submit(_read_op, files, op, buf, stripe), dst, slot))
                     while len(pending) > 2 * readers:
                         finish()
                 while pending:

@@ -218,3 +218,20 @@ def test_exchange_of_cast_tensors_in_place_and_packed(ckpts, bucket):
     assert all(r.bytes_received > 0 for r in on)
     # received bytes are the cast (bf16) tensors: half the stored fp32 bytes they stand for
     assert sum(2 * r.bytes_received + r.bytes_read for r in on) == sum(r.bytes_needed for r in on)
+
+
+def test_stripe_needs_the_whole_tp_group_on_one_kernel():
+    from sat_dist.exchange import Offer, stripe
+    from sat_dist.launch import LaunchInfo
+    from sat_dist.materialize import Stripe
+    from sat_dist.runtime import Mesh, Runtime
+
+    def rt(rank, tp):
+        return Runtime(LaunchInfo("torchrun", rank, rank, 4, 4, 0, None, None), Mesh(4, tp), torch.device("cpu"))
+
+    def offers(kernels):
+        return [Offer("auto", k, "cpu", None) for k in kernels]
+    assert stripe(rt(3, 2), offers("aabb")) == Stripe(1, 2)  # its TP group (2, 3) shares kernel b
+    assert stripe(rt(3, 4), offers("aabb")) is None  # TP=4 spans two kernels: each asks for its own rows
+    assert stripe(rt(2, 4), offers("aaaa")) == Stripe(2, 4)
+    assert stripe(rt(2, 1), offers("aaaa")) is None  # no TP peers

@@ -203,3 +203,43 @@ def test_unmappable_file_falls_back_to_pread(blob, spies, monkeypatch):
     buf = _read(path, runs)
     assert np.array_equal(buf.numpy(), _expected(data, runs))
     assert all(spies["cached"]) and spies["prefetched"]  # cached, yet read by the pread path
+
+
+def _willneeds(monkeypatch, fn):
+    calls = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: calls.append((off, n, advice)))
+    fn()
+    return calls
+
+
+def test_stripes_split_the_cold_prefetch_among_tp_peers(monkeypatch):
+    """With a Stripe (TP peers on one kernel), the cold prefetch of a row split is whole-row chunks,
+    every `count`-th for each peer: together the peers ask once for every byte of the rows from the
+    first miss on, in MAP_CHUNK requests; without one, a rank asks for each of its own rows."""
+    monkeypatch.setattr(M, "MAP_CHUNK", 64 << 10)
+    rs, start = RunSet(1000, 2048, 8192, 100), 3  # 8 whole rows per chunk: chunks 0..12, the last partial
+    per = (64 << 10) // rs.step
+    own = _willneeds(monkeypatch, lambda: M._prefetch_rows(7, rs, start, None))
+    assert own == [(rs.first + j * rs.step, rs.length, os.POSIX_FADV_WILLNEED) for j in range(start, rs.count)]
+    got = {i: _willneeds(monkeypatch, lambda i=i: M._prefetch_rows(7, rs, start, M.Stripe(i, 3))) for i in range(3)}
+    ranges = sorted((off, off + n) for calls in got.values() for off, n, _ in calls)
+    assert ranges[0][0] == rs.first + start * rs.step and ranges[-1][1] == rs.first + rs.count * rs.step
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # contiguous, no overlap
+    assert all(n <= per * rs.step for calls in got.values() for _, n, _ in calls)
+    for i, calls in got.items():  # peer i asks for chunks i, i+3, ...
+        assert [(off - rs.first) // rs.step // per for off, _, _ in calls] == \
+            [c for c in range(start // per, -(-rs.count // per)) if c % 3 == i]
+
+
+def test_cold_rows_with_a_stripe_place_the_same_bytes(blob, spies):
+    path, data = blob
+    runs = (RunSet(1 << 20, 4096, 16384, 64),)
+    for i in range(4):
+        _evict(path)
+        op, files = _op(path, runs), M._Files()
+        try:
+            buf = torch.empty(op.nbytes, dtype=torch.uint8)
+            assert M._read_op(files, op, buf, M.Stripe(i, 4)) == op.nbytes
+        finally:
+            files.close()
+        assert np.array_equal(buf.numpy(), _expected(data, runs)), i
