@@ -147,11 +147,11 @@ def load_structure(path: str) -> Any:
         is_zip = False
     if not is_zip:
         raise _not_zip(path)
-    _refuse_unknown_globals(path)
     try:
         with torch.serialization.safe_globals(allowed_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as exc:  # torch's restricted unpickler refused what the scan allowed
+    except pickle.UnpicklingError as exc:  # refused: name every global outside the allow-list, else say why
+        _refuse_unknown_globals(path)  # (a second pass over data.pkl, paid only by a refused file)
         raise UnsafeCheckpointError(f"{path}: torch's weights_only unpickler refused it: {exc}") from exc
     except Exception as exc:
         raise CheckpointError(f"cannot read the structure of {path}: {type(exc).__name__}: {exc}; its data.pkl "
