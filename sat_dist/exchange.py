@@ -12,6 +12,7 @@ GroupLoadError as the agreement's, naming the phase and the rank(s) that never a
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
@@ -29,19 +30,21 @@ BUCKET_BYTES = 4 << 20  # tensors smaller than this are packed per owner into on
 @dataclass(frozen=True)
 class Offer:
     """What one rank brings to the exchange's planning (gathered with the plan agreement): its mode,
-    the kernel it runs on (ranks on one kernel share a page cache), its device type, and its
-    target signatures (None when it reads everything itself)."""
+    the kernel it runs on (ranks on one kernel share a page cache), its device type, its target
+    signatures (None when it reads everything itself) and a digest of the files it reads."""
 
     mode: str
     kernel: str
     device: str
     signatures: Optional[dict[str, str]]
+    files: str = ""
 
 
 def signatures(rt: Runtime, plan: ReadPlan, mode: str = "auto") -> Offer:
     """This rank's Offer for the plan agreement's all-gather."""
     sigs = None if mode == "off" or rt.world_size == 1 else target_signatures(plan)
-    return Offer(mode, rt.kernel, rt.device.type, sigs)
+    files = hashlib.blake2b("\n".join(sorted(plan.files)).encode(), digest_size=8).hexdigest()
+    return Offer(mode, rt.kernel, rt.device.type, sigs, files)
 
 
 def wanted(offers: Sequence[Offer]) -> bool:
@@ -67,15 +70,20 @@ def plan_exchange(rt: Runtime, plan: ReadPlan, offers: Sequence[Optional[Offer]]
 
 
 def stripe(rt: Runtime, offers: Sequence[Optional[Offer]]) -> Optional[Stripe]:
-    """This rank's Stripe when every rank of its TP group runs on its kernel (they share its page
-    cache, so whole rows asked for by one arrive for all); None at TP=1 or across kernels, where a
-    rank asks for its own rows only."""
+    """This rank's turn among its TP peers that read the same files (they read the other slices of
+    the same rows) when every rank reading those slices runs on its kernel, whose page cache then
+    brings each its rows from whole-row requests of all: the TP group's, or with the exchange on
+    (any DP replica may read a slice) the whole job's. None otherwise (TP=1, peers across kernels,
+    no peer on the same files): the rank asks for its own rows only."""
+    if not offers or not all(isinstance(o, Offer) for o in offers):
+        return None
+    me = offers[rt.rank]
     group = next(g for g in rt.mesh.tp_groups() if rt.rank in g)
-    if len(group) < 2 or not all(isinstance(offers[r], Offer) for r in group):
+    peers = [r for r in group if offers[r].files == me.files]
+    readers = range(len(offers)) if wanted(offers) else peers
+    if len(peers) < 2 or any(offers[r].kernel != me.kernel for r in readers):
         return None
-    if len({offers[r].kernel for r in group}) > 1:
-        return None
-    return Stripe(group.index(rt.rank), len(group))
+    return Stripe(peers.index(rt.rank), len(peers))
 
 
 def run(rt: Runtime, ex: Exchange, tensors: Mapping[str, torch.Tensor], timeout_s: float) -> int:

@@ -160,8 +160,8 @@ def _pread(fd: int, view: memoryview, pos: int, end: int, offset: int, op: CopyO
 
 @dataclass(frozen=True)
 class Stripe:
-    """This rank's turn (`index` of `count`) among the TP peers on its kernel, who need the other
-    slices of its strided rows. On a cold row split each of them asks storage for every `count`-th
+    """This rank's turn (`index` of `count`) among the TP peers on its kernel that read the same
+    files, who need the other slices of its strided rows (`exchange.stripe` decides). On a cold row split each of them asks storage for every `count`-th
     MAP_CHUNK of whole rows, one large request each, instead of every rank asking for each of its rows
     (thousands of page-sized requests): the page cache they share brings each rank its rows from
     the requests of all. The job's storage bytes stay the same (the peers read those pages anyway);

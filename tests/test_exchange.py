@@ -229,9 +229,15 @@ def test_stripe_needs_the_whole_tp_group_on_one_kernel():
     def rt(rank, tp):
         return Runtime(LaunchInfo("torchrun", rank, rank, 4, 4, 0, None, None), Mesh(4, tp), torch.device("cpu"))
 
-    def offers(kernels):
-        return [Offer("auto", k, "cpu", None) for k in kernels]
+    def offers(kernels, files="ffff", mode="off"):
+        return [Offer(mode, k, "cpu", None if mode == "off" else {}, f) for k, f in zip(kernels, files)]
     assert stripe(rt(3, 2), offers("aabb")) == Stripe(1, 2)  # its TP group (2, 3) shares kernel b
     assert stripe(rt(3, 4), offers("aabb")) is None  # TP=4 spans two kernels: each asks for its own rows
     assert stripe(rt(2, 4), offers("aaaa")) == Stripe(2, 4)
     assert stripe(rt(2, 1), offers("aaaa")) is None  # no TP peers
+    # mp=2 files at TP=4: ranks 0, 1 read file x, ranks 2, 3 file y: turns among those on the same files
+    assert [stripe(rt(r, 4), offers("aaaa", "xxyy")) for r in range(4)] == [Stripe(0, 2), Stripe(1, 2)] * 2
+    assert stripe(rt(1, 4), offers("aaaa", "xzyy")) is None  # no peer reads its files
+    # the exchange on: a DP replica on another kernel may read a TP slice, so no turns there
+    assert stripe(rt(3, 2), offers("aabb", mode="on")) is None
+    assert stripe(rt(3, 2), offers("bbbb", mode="on")) == Stripe(1, 2)
