@@ -16,6 +16,7 @@ import torch
 
 import sat_dist
 from sat_dist import exchange
+from sat_dist.materialize import Stripe as M_Stripe
 from sat_dist.plan import ReadPlan, Target, assign_exchange
 from sat_dist.report import state_dict_digest
 from sat_dist.testing.dist import run_ranks, timed_group_load, values
@@ -241,3 +242,42 @@ def test_stripe_needs_the_whole_tp_group_on_one_kernel():
     # the exchange on: a DP replica on another kernel may read a TP slice, so no turns there
     assert stripe(rt(3, 2), offers("aabb", mode="on")) is None
     assert stripe(rt(3, 2), offers("bbbb", mode="on")) == Stripe(1, 2)
+
+
+def _evict(root):
+    for dirpath, _, names in os.walk(root):
+        for n in names:
+            fd = os.open(os.path.join(dirpath, n), os.O_RDONLY)
+            try:
+                os.fsync(fd)  # dirty pages are not dropped
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def _cold_load(rank, path):
+    """Load with the cache dropped just before this rank's first tensor byte (indexing a small file
+    reads most of it into the cache), recording the turn of each row-split prefetch."""
+    from sat_dist import loader
+    from sat_dist import materialize as M
+    seen = []
+    real = M._prefetch_rows
+    M._prefetch_rows = lambda fd, rs, start, stripe: (seen.append(stripe), real(fd, rs, start, stripe))[1]
+    loader.pause_point = lambda point, _rank: _evict(path) if point == "read" else None
+    state, _ = _load(rank, path, 4, "auto")
+    return state, seen
+
+
+def test_cold_tp4_load_takes_turns_and_places_the_sat_split(tmp_path):
+    """A cold TP=4 load on one kernel: each row-split prefetch is the rank's turn among its 4 peers
+    (a rank whose rows a peer's turn already brought in asks nothing), and every rank still ends
+    with exactly SAT's split."""
+    cfg = dict(num_layers=1, hidden_size=512, num_attention_heads=8, vocab_size=1024, max_sequence_length=32)
+    full, root = full_state_dict(cfg, seed=5), str(tmp_path / "cold")
+    write_sat_checkpoint(root, cfg, full, 1)
+    results = values(run_ranks(4, _cold_load, root))
+    assert any(seen for _, seen in results)
+    for rank, (state, seen) in enumerate(results):
+        assert all(s == M_Stripe(rank, 4) for s in seen), (rank, seen)
+        want = {k: sat_split(k, v, 4, rank, cfg) for k, v in full.items()}
+        assert all(torch.equal(state[k], want[k]) for k in want), rank
