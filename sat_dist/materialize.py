@@ -161,11 +161,11 @@ def _pread(fd: int, view: memoryview, pos: int, end: int, offset: int, op: CopyO
 @dataclass(frozen=True)
 class Stripe:
     """This rank's turn (`index` of `count`) among the TP peers on its kernel that read the same
-    files, who need the other slices of its strided rows (`exchange.stripe` decides). On a cold row split each of them asks storage for every `count`-th
-    MAP_CHUNK of whole rows, one large request each, instead of every rank asking for each of its rows
-    (thousands of page-sized requests): the page cache they share brings each rank its rows from
-    the requests of all. The job's storage bytes stay the same (the peers read those pages anyway);
-    measured cold at TP=4: 1.08x the limit instead of 1.47x."""
+    files, who need the other slices of its strided rows (`exchange.stripe` decides). On a cold row
+    split each asks storage for every `count`-th MAP_CHUNK of whole rows, one large request each,
+    instead of every rank asking for each of its rows (thousands of page-sized requests): the page
+    cache they share brings each rank its rows from the requests of all. The job's storage bytes
+    stay the same (the peers read those pages anyway); cold at TP=4: 1.08x the limit, was 1.47x."""
 
     index: int
     count: int
@@ -173,7 +173,7 @@ class Stripe:
 
 def _prefetch_rows(fd: int, rs: RunSet, start: int, stripe: Optional[Stripe]) -> None:
     """POSIX_FADV_WILLNEED (queued, not waited for) for runs `start ..` of `rs`: each run, or with
-    `stripe` this rank's turns of whole-row chunks."""
+    `stripe` this rank's turns of whole-row chunks (MAP_CHUNK of file each, as `_read_strided` cuts)."""
     if stripe is None:
         for j in range(start, rs.count):
             os.posix_fadvise(fd, rs.first + j * rs.step, rs.length, os.POSIX_FADV_WILLNEED)
@@ -185,8 +185,7 @@ def _prefetch_rows(fd: int, rs: RunSet, start: int, stripe: Optional[Stripe]) ->
             os.posix_fadvise(fd, rs.first + a * rs.step, (b - a) * rs.step, os.POSIX_FADV_WILLNEED)
 
 
-def _pread_rows(fd: int, op: CopyOp, rs: RunSet, rows: range, view: memoryview, pos: int, prefetched: bool,
-                stripe: Optional[Stripe] = None) -> bool:
+def _pread_rows(fd: int, op: CopyOp, rs: RunSet, rows: range, view: memoryview, pos: int, prefetched: bool) -> bool:
     """pread runs `rows` of `rs` into `view[pos:]`, one by one. Until one misses the page cache
     (RWF_NOWAIT says so without waiting), nothing else is asked; at the first miss the remaining runs
     of `rs` are queued with POSIX_FADV_WILLNEED (`_prefetch_rows`), so storage serves them all at once
@@ -203,7 +202,7 @@ def _pread_rows(fd: int, op: CopyOp, rs: RunSet, rows: range, view: memoryview, 
                 except OSError:  # EAGAIN: not cached; EOPNOTSUPP: the file system cannot say
                     got = 0
             if got < rs.length:
-                _prefetch_rows(fd, rs, i, stripe)
+                _prefetch_rows(fd, rs, i, None)
                 prefetched = True
         if got < rs.length:
             _pread(fd, view, at + got, at + rs.length, offset + got, op)
@@ -235,7 +234,10 @@ def _read_strided(fd: int, op: CopyOp, rs: RunSet, view: memoryview, out: torch.
     with one strided tensor copy instead of a syscall per run (warm loads; about 3x faster).
     Any other chunk, or where the kernel cannot say, is pread run by run (`_pread_rows`), so a cold
     load reads exactly its runs' pages from storage (a fault on a mapping would read neighbours
-    too). Each mapping is closed after its copy: mapped file pages add at most MAP_CHUNK to the RSS."""
+    too). Each mapping is closed after its copy: mapped file pages add at most MAP_CHUNK to the RSS.
+    With a `stripe` (TP peers on this kernel), the first missing chunk queues this rank's turns of
+    whole-row chunks, and a missing chunk that is a peer's turn (the peer has not asked for it yet:
+    pages it asked for count as cached) is asked for here, whole: never a request per row."""
     per = max(1, MAP_CHUNK // rs.step)
     prefetched = False
     for r0 in range(0, rs.count, per):
@@ -245,7 +247,13 @@ def _read_strided(fd: int, op: CopyOp, rs: RunSet, view: memoryview, out: torch.
         missing = pages_missing(fd, lo, hi - lo)
         mapped = missing is not None and missing * MAP_MISSING <= (hi - lo) // mmap.PAGESIZE
         if not (mapped and _copy_mapped(fd, rs, r0, r1, out[pos:pos + n])):
-            prefetched = _pread_rows(fd, op, rs, range(r0, r1), view, pos, prefetched, stripe)
+            if stripe is not None and missing:
+                if not prefetched:
+                    _prefetch_rows(fd, rs, r0, stripe)
+                    prefetched = True
+                if (r0 // per) % stripe.count != stripe.index:
+                    os.posix_fadvise(fd, rs.first + r0 * rs.step, (r1 - r0) * rs.step, os.POSIX_FADV_WILLNEED)
+            prefetched = _pread_rows(fd, op, rs, range(r0, r1), view, pos, prefetched)
         pos += n
 
 

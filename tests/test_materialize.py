@@ -243,3 +243,24 @@ def test_cold_rows_with_a_stripe_place_the_same_bytes(blob, spies):
         finally:
             files.close()
         assert np.array_equal(buf.numpy(), _expected(data, runs)), i
+
+
+def test_a_cold_chunk_of_a_peers_turn_is_asked_for_whole(blob, spies, monkeypatch):
+    """One rank alone (its peers lag or never come): it queues its own turns at the first miss, and
+    each missing chunk of a peer's turn it reaches it asks for itself, whole. Every chunk is asked
+    for once, as whole rows; never a request per row; the bytes are exact."""
+    path, data = blob
+    rs = RunSet(1 << 20, 4096, 16384, 64)  # 4 rows per 64 KiB chunk: 16 chunks
+    calls, real = [], os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, adv: (calls.append((off, n)), real(fd, off, n, adv))[1])
+    _evict(path)
+    op, files = _op(path, (rs,)), M._Files()
+    try:
+        buf = torch.empty(op.nbytes, dtype=torch.uint8)
+        M._read_op(files, op, buf, M.Stripe(1, 4))
+    finally:
+        files.close()
+    assert np.array_equal(buf.numpy(), _expected(data, (rs,)))
+    chunk = 4 * rs.step
+    asked = sorted(c for c in calls if c[1] > 0)
+    assert asked == [(rs.first + c * chunk, chunk) for c in range(16)], asked
