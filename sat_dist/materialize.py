@@ -190,7 +190,7 @@ def _pread_rows(fd: int, op: CopyOp, rs: RunSet, rows: range, view: memoryview, 
     (RWF_NOWAIT says so without waiting), nothing else is asked; at the first miss the remaining runs
     of `rs` are queued with POSIX_FADV_WILLNEED (`_prefetch_rows`), so storage serves them all at once
     instead of one synchronous request at a time (about 3x faster cold). Returns whether that
-    prefetch was issued.""" 
+    prefetch was issued."""
     nowait = getattr(os, "RWF_NOWAIT", None)
     for i in rows:
         offset, at = rs.first + i * rs.step, pos + (i - rows.start) * rs.length
@@ -232,9 +232,9 @@ def _read_strided(fd: int, op: CopyOp, rs: RunSet, view: memoryview, out: torch.
     at a time. A chunk whose span is in the page cache but for at most 1/MAP_MISSING of its pages
     (`pages_missing`; the kernel evicts a few pages here and there) is copied from a private mapping
     with one strided tensor copy instead of a syscall per run (warm loads; about 3x faster).
-    Any other chunk, or where the kernel cannot say, is pread run by run (`_pread_rows`), so a cold
-    load reads exactly its runs' pages from storage (a fault on a mapping would read neighbours
-    too). Each mapping is closed after its copy: mapped file pages add at most MAP_CHUNK to the RSS.
+    Any other chunk, or where the kernel cannot say, is pread run by run (`_pread_rows`); without a
+    stripe a cold load so reads exactly its runs' pages from storage (a fault on a mapping would
+    read neighbours too). Each mapping is closed after its copy: mapped file pages add at most MAP_CHUNK to the RSS.
     With a `stripe` (TP peers on this kernel), the first missing chunk queues this rank's turns of
     whole-row chunks, and a missing chunk that is a peer's turn (the peer has not asked for it yet:
     pages it asked for count as cached) is asked for here, whole: never a request per row."""
