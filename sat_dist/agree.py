@@ -42,7 +42,7 @@ class RankStatus:
     digest: Optional[str] = None
     report: Optional[RankReport] = None
     dtypes: Optional[tuple] = None  # plan_dtypes(): (common stored dtype, the exceptions)
-    carry: Any = None  # what the phase also gathers (after planning: the exchange's target signatures)
+    carry: Any = None  # what the phase also gathers (after planning: each component's exchange.Offer)
 
 
 def describe(exc: BaseException) -> str:

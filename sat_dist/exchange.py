@@ -6,9 +6,9 @@ the plan agreement's all-gather collects (`signatures` makes this rank's `Offer`
 `materialize` has read this rank's share, `run` broadcasts each shared tensor from its owner: DP
 replicas over their DP group, tensors that every rank reads from the same file (replicated tensors
 of an mp=1 checkpoint) over the world. Tensors below `BUCKET_BYTES` travel packed, one broadcast
-per owner. A peer that dies or stalls fails the
-broadcast within the process-group timeout; that failure is raised as the same kind of
-GroupLoadError as the agreement's, naming the phase and the rank(s) that never arrived.
+per owner. A peer that dies or stalls fails the broadcast within the process-group timeout; that
+failure is raised as the same kind of GroupLoadError as the agreement's, naming the phase and the
+rank(s) that never arrived.
 """
 from __future__ import annotations
 
@@ -55,28 +55,26 @@ def wanted(offers: Sequence[Offer]) -> bool:
     NCCL broadcast may beat every rank copying the bytes through host memory (not yet measured).
     On one CPU host the broadcasts only add work (`sat-dist bench`, TP2 x DP2, 1.2 GiB: 0.89 s on,
     0.78 s off, the same storage bytes when cold)."""
-    if len(offers) <= 1 or any(o.mode == "off" or o.signatures is None for o in offers):
+    if len(offers) <= 1 or any(o.signatures is None for o in offers):  # `off` (or a world of one)
         return False
     if any(o.mode == "on" for o in offers):
         return True
     return len({o.kernel for o in offers}) > 1 or any(o.device == "cuda" for o in offers)
 
 
-def plan_exchange(rt: Runtime, plan: ReadPlan, offers: Sequence[Optional[Offer]]) -> Exchange:
+def plan_exchange(rt: Runtime, plan: ReadPlan, offers: Sequence[Offer]) -> Exchange:
     """This rank's share of the reading, from every rank's Offer (in rank order)."""
-    if not all(isinstance(o, Offer) for o in offers) or not wanted(offers):
+    if not wanted(offers):
         return assign_exchange(plan, [{}], 0, rt.tp, enabled=False)
     return assign_exchange(plan, [o.signatures for o in offers], rt.rank, rt.tp)
 
 
-def stripe(rt: Runtime, offers: Sequence[Optional[Offer]]) -> Optional[Stripe]:
+def stripe(rt: Runtime, offers: Sequence[Offer]) -> Optional[Stripe]:
     """This rank's turn among its TP peers that read the same files (they read the other slices of
     the same rows) when every rank reading those slices runs on its kernel, whose page cache then
     brings each its rows from whole-row requests of all: the TP group's, or with the exchange on
     (any DP replica may read a slice) the whole job's. None otherwise (TP=1, peers across kernels,
     no peer on the same files): the rank asks for its own rows only."""
-    if not offers or not all(isinstance(o, Offer) for o in offers):
-        return None
     me = offers[rt.rank]
     group = next(g for g in rt.mesh.tp_groups() if rt.rank in g)
     peers = [r for r in group if offers[r].files == me.files]

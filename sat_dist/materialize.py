@@ -13,7 +13,7 @@ How bytes are fetched: a contiguous run is one preadv (the next op's runs announ
 WILLNEED); strided runs (a row split) are copied from a mapping where the page cache holds them,
 else pread row by row after WILLNEED of the rows, or, with TP peers on the same kernel, of this
 rank's turns of whole-row chunks (`Stripe`; `_read_strided`). Fresh host targets are
-pre-faulted with one madvise each (`prefault`).
+pre-faulted with one madvise each (`pagecache.prefault`).
 
 Host memory is the local shard (CPU) plus the staging buffers (the planner cuts every op to the
 staging budget divided by the number of buffers), never the checkpoint size. `bytes_read` counts
@@ -22,72 +22,21 @@ share of this rank; the others arrive by broadcast).
 """
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
-import sys
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Collection, Iterable, Optional
+from typing import Callable, Collection, Optional
 
 import torch
 
 from .errors import CheckpointError
+from .pagecache import pages_missing, prefault
 from .plan import CopyOp, ReadPlan, RunSet
 
 READERS = 4  # reader threads per rank, at most (by default)
-
-
-_MADV_POPULATE_WRITE = 23  # Linux 5.14+ (include/uapi/asm-generic/mman-common.h)
-_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-if _libc is not None:
-    _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-
-_SYS_CACHESTAT = 451  # Linux 6.5+, one number on every architecture (include/uapi/asm-generic/unistd.h)
-
-
-class _CachestatRange(ctypes.Structure):
-    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
-
-
-class _Cachestat(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_uint64) for n in ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted",
-                                                "nr_recently_evicted")]
-
-
-def pages_missing(fd: int, offset: int, length: int) -> Optional[int]:
-    """How many pages of bytes `offset .. offset + length` of `fd` are not in the page cache, by
-    cachestat(2) (one range walk in the kernel, no mapping); None where the kernel cannot say: before
-    6.5, or EPERM (newer kernels answer only a file's owner or a writer, like mincore)."""
-    if _libc is None:
-        return None
-    page = mmap.PAGESIZE
-    stat = _Cachestat()
-    rng = _CachestatRange(offset, length)
-    if _libc.syscall(ctypes.c_long(_SYS_CACHESTAT), ctypes.c_uint(fd), ctypes.byref(rng), ctypes.byref(stat),
-                     ctypes.c_uint(0)):
-        return None
-    return max(0, (offset + length - 1) // page - offset // page + 1 - stat.nr_cache)
-
-
-def prefault(tensors: Iterable[torch.Tensor]) -> int:
-    """Fault in the pages of fresh host tensors with one madvise(MADV_POPULATE_WRITE) each, instead
-    of one page fault per 4 KiB while the reads fill them: about a fifth of the CPU a page-cache
-    read costs. Only a hint: where the kernel lacks it (before 5.14, not Linux), the reads fault
-    the pages in as they always did. Returns the bytes populated."""
-    if _libc is None:
-        return 0
-    page, done = mmap.PAGESIZE, 0
-    for t in tensors:
-        if t.device.type != "cpu":
-            continue
-        start = t.data_ptr()
-        lo, hi = -(-start // page) * page, (start + t.numel() * t.element_size()) // page * page
-        if hi - lo >= 16 * page and _libc.madvise(lo, hi - lo, _MADV_POPULATE_WRITE) == 0:
-            done += hi - lo
-    return done
 
 
 def pick_readers(requested: Optional[int], local_ranks: int) -> int:
@@ -171,18 +120,28 @@ class Stripe:
     count: int
 
 
+def _rows_per_chunk(rs: RunSet) -> int:
+    """Rows of `rs` in one MAP_CHUNK of file: the unit of a mapped copy and of a stripe's turn."""
+    return max(1, MAP_CHUNK // rs.step)
+
+
+def _willneed_rows(fd: int, rs: RunSet, a: int, b: int) -> None:
+    """POSIX_FADV_WILLNEED (queued, not waited for) for rows `a .. b` of `rs`, whole (the peers'
+    slices too): one request."""
+    os.posix_fadvise(fd, rs.first + a * rs.step, (b - a) * rs.step, os.POSIX_FADV_WILLNEED)
+
+
 def _prefetch_rows(fd: int, rs: RunSet, start: int, stripe: Optional[Stripe]) -> None:
     """POSIX_FADV_WILLNEED (queued, not waited for) for runs `start ..` of `rs`: each run, or with
-    `stripe` this rank's turns of whole-row chunks (MAP_CHUNK of file each, as `_read_strided` cuts)."""
+    `stripe` this rank's turns of whole-row chunks (`_rows_per_chunk`, as `_read_strided` cuts)."""
     if stripe is None:
         for j in range(start, rs.count):
             os.posix_fadvise(fd, rs.first + j * rs.step, rs.length, os.POSIX_FADV_WILLNEED)
         return
-    per = max(1, MAP_CHUNK // rs.step)
+    per = _rows_per_chunk(rs)
     for c in range(start // per, -(-rs.count // per)):
         if c % stripe.count == stripe.index:
-            a, b = max(start, c * per), min(rs.count, (c + 1) * per)
-            os.posix_fadvise(fd, rs.first + a * rs.step, (b - a) * rs.step, os.POSIX_FADV_WILLNEED)
+            _willneed_rows(fd, rs, max(start, c * per), min(rs.count, (c + 1) * per))
 
 
 def _pread_rows(fd: int, op: CopyOp, rs: RunSet, rows: range, view: memoryview, pos: int, prefetched: bool) -> bool:
@@ -234,11 +193,11 @@ def _read_strided(fd: int, op: CopyOp, rs: RunSet, view: memoryview, out: torch.
     with one strided tensor copy instead of a syscall per run (warm loads; about 3x faster).
     Any other chunk, or where the kernel cannot say, is pread run by run (`_pread_rows`); without a
     stripe a cold load so reads exactly its runs' pages from storage (a fault on a mapping would
-    read neighbours too). Each mapping is closed after its copy: mapped file pages add at most MAP_CHUNK to the RSS.
-    With a `stripe` (TP peers on this kernel), the first missing chunk queues this rank's turns of
+    read neighbours too). Each mapping is closed after its copy: mapped file pages add at most
+    MAP_CHUNK to the RSS. With a `stripe` (TP peers on this kernel), the first missing chunk queues this rank's turns of
     whole-row chunks, and a missing chunk that is a peer's turn (the peer has not asked for it yet:
     pages it asked for count as cached) is asked for here, whole: never a request per row."""
-    per = max(1, MAP_CHUNK // rs.step)
+    per = _rows_per_chunk(rs)
     prefetched = False
     for r0 in range(0, rs.count, per):
         r1 = min(rs.count, r0 + per)
@@ -252,7 +211,7 @@ def _read_strided(fd: int, op: CopyOp, rs: RunSet, view: memoryview, out: torch.
                     _prefetch_rows(fd, rs, r0, stripe)
                     prefetched = True
                 if (r0 // per) % stripe.count != stripe.index:
-                    os.posix_fadvise(fd, rs.first + r0 * rs.step, (r1 - r0) * rs.step, os.POSIX_FADV_WILLNEED)
+                    _willneed_rows(fd, rs, r0, r1)
             prefetched = _pread_rows(fd, op, rs, range(r0, r1), view, pos, prefetched)
         pos += n
 

@@ -246,7 +246,7 @@ class ImagePatchEmbedding(nn.Module):
     """mixins.patch_embed: v1.0 Conv2d(in, h, p, p) per frame; 1.5 Linear(in*pt*ph*pw, h) on
     (c, o, p, q)-ordered patches; text_proj(context) goes first in the sequence."""
 
-    def __init__(self, a: DiTArch, dtype: torch.dtype, tp: Optional[TPInfo] = None):
+    def __init__(self, a: DiTArch, dtype: torch.dtype, tp: TPInfo):
         super().__init__()
         self.arch = a
         p = a.patch
@@ -254,7 +254,7 @@ class ImagePatchEmbedding(nn.Module):
             self.proj = nn.Conv2d(a.in_channels, a.hidden, kernel_size=p[1], stride=p[1], bias=a.patch_bias, dtype=dtype)
         else:
             self.proj = nn.Linear(a.in_channels * p[0] * p[1] * p[2], a.hidden, dtype=dtype)
-        self.text_proj = conditioning_linear(a, tp or TPInfo(), a.text_hidden, a.hidden, dtype)
+        self.text_proj = conditioning_linear(a, tp, a.text_hidden, a.hidden, dtype)
 
     def forward(self, images: torch.Tensor, context: torch.Tensor, thw: tuple[int, int, int]) -> torch.Tensor:
         b, t, c = images.shape[:3]
@@ -303,12 +303,12 @@ class AdaLN(nn.Module):
 class FinalLayer(nn.Module):
     """mixins.final_layer: torch LayerNorm (eps 1e-6), adaLN shift/scale, Linear, unpatchify."""
 
-    def __init__(self, a: DiTArch, dtype: torch.dtype, tp: Optional[TPInfo] = None):
+    def __init__(self, a: DiTArch, dtype: torch.dtype, tp: TPInfo):
         super().__init__()
         self.arch = a
         self.norm_final = nn.LayerNorm(a.hidden, eps=1e-6, elementwise_affine=a.affine, dtype=dtype)
         self.linear = nn.Linear(a.hidden, a.patch[0] * a.patch[1] * a.patch[2] * a.out_channels, dtype=dtype)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), conditioning_linear(a, tp or TPInfo(), a.time_dim, 2 * a.hidden, dtype))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), conditioning_linear(a, tp, a.time_dim, 2 * a.hidden, dtype))
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, thw: tuple[int, int, int]) -> torch.Tensor:
         """FinalLayerMixin.final_forward + unpatchify: the video tokens [B, T*H*W, h] of patch grid
