@@ -1,12 +1,13 @@
 """What the kernel can say about and do for the page cache, for `materialize`: how many pages of a
 file range are missing (cachestat(2)) and pre-faulting fresh host tensors (madvise). Neither is in
 the standard library, so both go through ctypes; both are hints, and where the kernel lacks them
-the reads work as they always did.
+the reads work as they always did. `evict` drops a file's pages, for cold runs of bench and tests.
 """
 from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import sys
 from typing import Iterable, Optional
 
@@ -60,3 +61,14 @@ def prefault(tensors: Iterable[torch.Tensor]) -> int:
         if hi - lo >= 16 * page and _libc.madvise(lo, hi - lo, _MADV_POPULATE_WRITE) == 0:
             done += hi - lo
     return done
+
+
+def evict(path: str) -> None:
+    """Write back and drop `path`'s pages from the page cache (POSIX_FADV_DONTNEED; dirty pages are
+    not dropped, hence the fsync): a cold read without root, for bench and tests."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)

@@ -17,6 +17,7 @@ import torch
 import sat_dist
 from sat_dist import exchange
 from sat_dist.materialize import Stripe as M_Stripe
+from sat_dist.pagecache import evict
 from sat_dist.plan import ReadPlan, Target, assign_exchange
 from sat_dist.report import state_dict_digest
 from sat_dist.testing.dist import run_ranks, timed_group_load, values
@@ -247,12 +248,7 @@ def test_stripe_needs_the_whole_tp_group_on_one_kernel():
 def _evict(root):
     for dirpath, _, names in os.walk(root):
         for n in names:
-            fd = os.open(os.path.join(dirpath, n), os.O_RDONLY)
-            try:
-                os.fsync(fd)  # dirty pages are not dropped
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+            evict(os.path.join(dirpath, n))
 
 
 def _cold_load(rank, path):

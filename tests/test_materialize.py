@@ -16,6 +16,7 @@ import torch
 
 from sat_dist import materialize as M
 from sat_dist.errors import CheckpointError
+from sat_dist.pagecache import evict
 from sat_dist.placement import Box
 from sat_dist.plan import CopyOp, RunSet
 
@@ -59,13 +60,6 @@ def _read(path: str, runs: tuple) -> torch.Tensor:
     return buf
 
 
-def _evict(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 @pytest.fixture()
@@ -105,7 +99,7 @@ def test_cold_rows_are_pread_after_one_prefetch(blob, spies):
     would read other ranks' rows too), after one WILLNEED of every remaining row."""
     path, data = blob
     runs = (RunSet(1 << 20, 4096, 16384, 64),)
-    _evict(path)
+    evict(path)
     buf = _read(path, runs)
     assert np.array_equal(buf.numpy(), _expected(data, runs))
     assert spies["cached"][0] is False and spies["prefetched"][0] is True
@@ -115,7 +109,7 @@ def test_cold_rows_are_pread_after_one_prefetch(blob, spies):
 def test_partly_cached_file_mixes_both_paths(blob, spies):
     path, data = blob
     runs = (RunSet(100, 3000, 9000, 300),)  # 2.6 MiB span, 64 KiB chunks
-    _evict(path)
+    evict(path)
     fd = os.open(path, os.O_RDONLY)
     try:  # bring back the first 256 KiB only (no readahead past it)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
@@ -144,7 +138,7 @@ def test_pages_missing_follows_the_page_cache(blob):
     fd = os.open(path, os.O_RDONLY)
     try:
         assert M.pages_missing(fd, 5, SIZE - 10) == 0  # just written
-        _evict(path)
+        evict(path)
         assert M.pages_missing(fd, 0, SIZE) == SIZE // 4096
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         os.pread(fd, 3 * 4096, 4096)  # pages 1-3 only
@@ -162,7 +156,7 @@ def test_a_few_evicted_pages_still_map_and_read_exactly(blob, spies, monkeypatch
     path, data = blob
     runs = (RunSet(100, 3000, 9000, 300),)  # 2.6 MiB span, 64 KiB chunks
     monkeypatch.setattr(M, "MAP_CHUNK", 1 << 20)  # 256 pages: up to 4 may be missing
-    _evict(path)
+    evict(path)
     fd = os.open(path, os.O_RDONLY)
     try:  # page by page (no readahead), all but a few
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
@@ -235,7 +229,7 @@ def test_cold_rows_with_a_stripe_place_the_same_bytes(blob, spies):
     path, data = blob
     runs = (RunSet(1 << 20, 4096, 16384, 64),)
     for i in range(4):
-        _evict(path)
+        evict(path)
         op, files = _op(path, runs), M._Files()
         try:
             buf = torch.empty(op.nbytes, dtype=torch.uint8)
@@ -253,7 +247,7 @@ def test_a_cold_chunk_of_a_peers_turn_is_asked_for_whole(blob, spies, monkeypatc
     rs = RunSet(1 << 20, 4096, 16384, 64)  # 4 rows per 64 KiB chunk: 16 chunks
     calls, real = [], os.posix_fadvise
     monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, adv: (calls.append((off, n)), real(fd, off, n, adv))[1])
-    _evict(path)
+    evict(path)
     op, files = _op(path, (rs,)), M._Files()
     try:
         buf = torch.empty(op.nbytes, dtype=torch.uint8)

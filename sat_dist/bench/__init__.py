@@ -29,6 +29,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Sequence
 
+from ..pagecache import evict
 from .methods import GIB, METHODS, MIB, SAFETENSORS_ONLY, prepare, run_rank
 
 
@@ -63,11 +64,7 @@ def drop_cache(files: Sequence[str]) -> str:
         return "drop_caches"
     except OSError:
         for path in files:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+            evict(path)
         return "fadvise"
 
 
