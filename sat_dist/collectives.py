@@ -2,8 +2,8 @@
 
 Keeping them in one module makes the communication pattern auditable: a load creates (or joins)
 the default group, the TP groups and the DP groups, then does three object all-gathers (the
-`latest` tag, the plan agreement carrying the exchange offers, the final agreement), plus, when the
-exchange is on, its broadcasts.
+`latest` tag, the plan agreement carrying the exchange offers, the final agreement; one all-gather
+each, `all_gather_objects`), plus, when the exchange is on, its broadcasts.
 The TP forward collectives live with the models (`models/tp_ops.py`). The video engine adds its CFG
 pairs (two DP replicas) and their one all-gather per denoising step (`cfg_pair_group`, `all_gather_pair`).
 No wait on a peer is unbounded: collectives carry the group timeout, store calls run under `_bounded`,
@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import itertools
 import os
+import pickle
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -98,13 +99,47 @@ def wait(work) -> None:
     work.wait()
 
 
+# One all-gather carries a whole agreement object when it pickles to at most this many bytes.
+OBJECT_FRAME = 64 << 10
+_LEN = 8  # the frame's header: the pickle's length, int64
+
+
 def all_gather_objects(obj: Any) -> list[Any]:
-    """Gather one picklable object from every rank (used for agreement, never for weights)."""
+    """Gather one picklable object from every rank (used for agreement, never for weights).
+
+    One all-gather of a fixed-size frame (the pickle's length, then its first OBJECT_FRAME bytes)
+    where `dist.all_gather_object` takes two (the sizes, then the padded pickles): each agreement
+    point costs one round trip, which on a busy host is most of its cost. Only when some rank's
+    object is larger does a second all-gather carry the rest; every rank reads every length from the
+    first, so all of them take that branch together."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    frame = torch.zeros(_LEN + OBJECT_FRAME, dtype=torch.uint8)
+    frame[:_LEN] = torch.tensor([len(data)], dtype=torch.int64).view(torch.uint8)
+    head = data[:OBJECT_FRAME]
+    if head:
+        frame[_LEN:_LEN + len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
+    frames = _all_gather(frame, dev)
+    lengths = [int(f[:_LEN].view(torch.int64)[0]) for f in frames]
+    parts = [bytes(f[_LEN:_LEN + min(n, OBJECT_FRAME)].numpy()) for f, n in zip(frames, lengths)]
+    rest = max(lengths) - OBJECT_FRAME
+    if rest > 0:
+        tail = torch.zeros(rest, dtype=torch.uint8)
+        if len(data) > OBJECT_FRAME:
+            tail[:len(data) - OBJECT_FRAME] = torch.frombuffer(bytearray(data[OBJECT_FRAME:]), dtype=torch.uint8)
+        parts = [p + bytes(t[:max(0, n - OBJECT_FRAME)].numpy())
+                 for p, t, n in zip(parts, _all_gather(tail, dev), lengths)]
+    return [pickle.loads(p) for p in parts]
+
+
+def _all_gather(t: torch.Tensor, dev: torch.device) -> list[torch.Tensor]:
+    """All-gather host tensor `t` through `dev` (the backend's device); the results on the host."""
+    t = t.to(dev)
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t)
+    return [o.cpu() for o in out]
 
 
 # --- the video engine's CFG parallelism (sat_dist.engine) -------------------------------------------

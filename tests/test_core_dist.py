@@ -107,3 +107,40 @@ def test_dtype_flag_casts_on_load(plain_ckpts):
 def _load_dtype(rank, path):
     model, rep = sat_dist.load_model(path, tp=2, dtype="bf16", return_report=True)
     return dict(model.state_dict()), rep.ranks[rank], None
+
+
+def _gather_objects(rank, sizes):
+    """Gather an object of sizes[rank] pickled-ish bytes from every rank; count the all-gathers."""
+    import torch.distributed as dist
+
+    import sat_dist.collectives as C
+    from sat_dist.launch import detect_launch
+
+    rt = C.setup(detect_launch(timeout_s=30), 1, None, 30)
+    calls, real = [], dist.all_gather
+    dist.all_gather = lambda *a, **k: (calls.append(a[1].numel()), real(*a, **k))[1]
+    try:
+        got = C.all_gather_objects({"rank": rank, "blob": bytes([rank]) * sizes[rank]})
+    finally:
+        dist.all_gather = real
+        C.teardown(rt)
+    return got, calls
+
+
+@pytest.mark.parametrize("sizes", [(0, 10, 100), (0, 1 << 16, 5), (300_000, 7, 1 << 17)])
+def test_object_gather_is_one_all_gather_unless_an_object_outgrows_the_frame(sizes):
+    """Agreement objects travel in one all-gather of a fixed frame; a larger one on ANY rank makes
+    every rank do one more (for the tail), and every rank gets every object exactly."""
+    import pickle
+
+    from sat_dist.collectives import OBJECT_FRAME
+
+    out = values(run_ranks(3, _gather_objects, sizes))
+    want = [{"rank": r, "blob": bytes([r]) * n} for r, n in enumerate(sizes)]
+    longest = max(len(pickle.dumps(w, protocol=pickle.HIGHEST_PROTOCOL)) for w in want)
+    rounds = 1 if longest <= OBJECT_FRAME else 2
+    for got, calls in out:
+        assert got == want
+        assert len(calls) == rounds
+        if rounds == 2:
+            assert calls[1] == longest - OBJECT_FRAME
