@@ -7,7 +7,7 @@ STAMP    := $(VENV)/.installed
 # deepspeed's ops are JIT-only here; torch is pinned in the same command so no CUDA wheel is pulled.
 REQS     := requirements.txt requirements-test.txt
 
-.PHONY: venv demo test bench soak fuzz clean sat-ref-venv
+.PHONY: venv demo test bench bench-gpu soak fuzz clean sat-ref-venv
 venv: $(STAMP)
 
 $(STAMP): setup.py Makefile $(REQS)
@@ -30,6 +30,21 @@ bench: $(STAMP)
 	$(VENV)/bin/sat-dist bench $$(sed -n 1p .cache/bench/paths) --world 4 --tp 4 $(BENCH_ARGS) --json .cache/bench/sat.json
 	$(VENV)/bin/sat-dist bench $$(sed -n 2p .cache/bench/paths) --world 4 --tp 4 $(BENCH_ARGS) --json .cache/bench/safetensors.json
 	$(VENV)/bin/sat-dist bench $$(sed -n 1p .cache/bench/paths) --world 4 --tp 2 --methods limit sat_dist $(BENCH_ARGS) --json .cache/bench/tp2dp2.json
+
+# bench-gpu : on a machine with GPUs, TP 1/2/4 (as many as it has, one rank per GPU): sat_dist onto
+# cuda:LOCAL_RANK beside the pinned `copy_` H2D ceiling (`h2d`; compare the GiB/s column) and the
+# storage limit; then, with 2+ GPUs, TP=1 x DP=2 with the exchange off and on. Results in .cache/bench/.
+bench-gpu: $(STAMP)
+	mkdir -p .cache/bench
+	$(VENV)/bin/python bench/make_checkpoint.py --dir $(BENCH_DIR) > .cache/bench/paths
+	n=$$($(VENV)/bin/python -c "import torch; print(torch.cuda.device_count())"); test $$n -gt 0 || \
+	  { echo "bench-gpu: no GPU visible"; exit 1; }; \
+	for tp in 1 2 4; do test $$tp -le $$n || break; \
+	  $(VENV)/bin/sat-dist bench $$(sed -n 1p .cache/bench/paths) --world $$tp --tp $$tp --methods limit h2d sat_dist \
+	    $(BENCH_ARGS) --json .cache/bench/gpu_tp$$tp.json || exit 1; done; \
+	if test $$n -ge 2; then for x in off on; do \
+	  $(VENV)/bin/sat-dist bench $$(sed -n 1p .cache/bench/paths) --world 2 --tp 1 --methods limit sat_dist \
+	    load.exchange=$$x $(BENCH_ARGS) --json .cache/bench/gpu_dp2_$$x.json || exit 1; done; fi
 
 # lint-imports: the dependency contracts in .importlinter (layers point one way, no cycles).
 test: $(STAMP)

@@ -49,3 +49,25 @@ def test_bench_passes_overrides_to_sat_dist(ckpt):
     ours = res.methods[0].rounds[0]
     assert [s["bytes_read"] + s["bytes_received"] for s in ours] == need
     assert sum(s["bytes_read"] for s in ours) < sum(need) and all(s["bytes_received"] > 0 for s in ours)
+
+
+def test_bench_says_which_gpu_methods_cannot_run_here(ckpt, monkeypatch):
+    """The GPU methods are decided in the parent from NVML's GPU count (no CUDA before the fork):
+    `h2d` needs a GPU; sat_dist on CUDA needs one GPU per rank unless told `load.device=cpu`. Here
+    (no GPU) a run that asks for h2d skips it and still runs the others."""
+    import torch
+
+    from sat_dist.bench import _available
+
+    res = run_bench(ckpt, world=2, tp=2, methods=["h2d", "limit"], log=lambda _: None)
+    if torch.cuda.device_count() == 0:
+        assert res.methods[0].skipped is not None and res.methods[0].rounds == []
+    assert res.methods[1].skipped is None and len(res.methods[1].rounds) == 1
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert _available("h2d", False, 1, []) is not None
+    assert _available("sat_dist", False, 4, []) is None  # CPU ranks: any world
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert _available("h2d", False, 4, []) is None
+    assert _available("sat_dist", False, 2, []) is None
+    assert _available("sat_dist", False, 4, []) is not None
+    assert _available("sat_dist", False, 4, ["load.device=cpu"]) is None

@@ -6,7 +6,10 @@ except for sat_dist, whose own planning and agreement are part of its load):
 
   limit            each rank reads as many bytes as its shard needs, sequentially, into one fresh
                    `torch.empty` buffer (`readinto`): the storage + page-fault limit
-  sat_dist         `load_with_runtime` on the default path (exchange auto, no digest)
+  h2d              (CUDA) `copy_` of each rank's bytes from a pinned host buffer to its GPU, non_blocking,
+                   to a synchronize (buffers filled untimed): the host-to-device ceiling
+  sat_dist         `load_with_runtime` on the default path (exchange auto, no digest; onto
+                   `cuda:LOCAL_RANK` where CUDA is present: one rank per GPU)
   sat_style        SAT: `torch.load` of the whole file on every rank, then clone the rank's slices
   mmap             `torch.load(mmap=True)`, then clone the slices (pages fault in on copy)
   safetensors      (.safetensors input) `safe_open` + `get_slice` of each fragment
@@ -172,10 +175,19 @@ class BenchResult:
         return "\n".join(lines)
 
 
-def _available(method: str, safetensors_input: bool) -> Optional[str]:
-    """Why `method` cannot run here, or None."""
+def _available(method: str, safetensors_input: bool, world: int, overrides: Sequence[str]) -> Optional[str]:
+    """Why `method` cannot run here, or None. GPUs are counted through NVML, which leaves the
+    parent free of CUDA: the ranks are forked, and CUDA does not survive a fork."""
+    import torch
+
+    gpus = torch.cuda.device_count()
     if method in SAFETENSORS_ONLY and not safetensors_input:
         return "needs a .safetensors checkpoint"
+    if method == "h2d" and gpus == 0:
+        return "needs CUDA (no GPU visible here)"
+    if method == "sat_dist" and gpus and world > gpus and not any(o.startswith("load.device=") for o in overrides):
+        return (f"world {world} > {gpus} GPU(s): NCCL needs one GPU per rank; pass --world {gpus} or "
+                f"load.device=cpu")
     module = {"fastsafetensors": "fastsafetensors", "runai": "runai_model_streamer", "safetensors": "safetensors"}
     if method in module:
         import importlib.util
@@ -194,7 +206,7 @@ def run_bench(ckpt: str, world: int, tp: int, cold: bool = False, repeat: int = 
     result = BenchResult(ckpt, files, sum(os.path.getsize(f) for f in files), world, tp, repeat=repeat)
     is_st = all(f.endswith(".safetensors") for f in files)
     for method in methods:
-        res = MethodResult(method, skipped=_available(method, is_st))
+        res = MethodResult(method, skipped=_available(method, is_st, world, overrides))
         result.methods.append(res)
     if not cold:  # a known state: how earlier runs left the page cache (small folios after exact cold
         # reads, pages evicted since) changes mapped copies by up to 2x, so drop it once; each run then

@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 
 import torch
 
-METHODS = ("limit", "sat_dist", "sat_style", "mmap", "safetensors", "fastsafetensors", "runai")
+METHODS = ("limit", "h2d", "sat_dist", "sat_style", "mmap", "safetensors", "fastsafetensors", "runai")
 SAFETENSORS_ONLY = ("safetensors", "fastsafetensors", "runai")
 MIB, GIB = 1 << 20, 1 << 30
 
@@ -164,6 +164,22 @@ def _runai(rank, tp, specs, prefix, plan, **_):
     return os.path.getsize(path), 0, kept
 
 
+def _h2d(rank: int, nbytes: int) -> float:
+    """Seconds to `copy_` the rank's `nbytes` from a pinned host buffer (filled untimed) to a
+    buffer on its GPU (`cuda:LOCAL_RANK`, allocated untimed), non_blocking, to a synchronize: the
+    host-to-device ceiling a CUDA load's staging copies can reach, beside which a CUDA sat_dist
+    load's GiB/s is read."""
+    dev = torch.device("cuda", rank % torch.cuda.device_count())
+    torch.cuda.set_device(dev)
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).fill_(1)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    dst.copy_(host, non_blocking=True)
+    torch.cuda.synchronize(dev)
+    return time.perf_counter() - t0
+
+
 class _Skip(Exception):
     """This method does not apply to this checkpoint (the message says why)."""
 
@@ -193,6 +209,8 @@ def run_rank(rank: int, method: str, ckpt: str, world: int, tp: int, configs, ov
             C.teardown(rt)
         mine = rep.ranks[rank]
         read, received = mine.bytes_read, mine.bytes_received
+    elif method == "h2d":
+        seconds, read, received = _h2d(rank, kept_bytes), 0, 0
     else:
         t0 = time.perf_counter()
         try:
