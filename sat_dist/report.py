@@ -25,6 +25,7 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Iterable, Mapping, Optional
 
+import numpy as np
 import torch
 
 FP_BLOCK = 8192  # int64 words per fingerprint block (64 KiB)
@@ -65,6 +66,36 @@ def _tensor_fingerprint(t: torch.Tensor) -> torch.Tensor:
     return torch.stack([sums.sum() + tail, (sums * weights).sum() + tail * (2 * nb + 1)])
 
 
+def _one_block(t: torch.Tensor) -> bool:
+    """Whether `t`'s fingerprint is its plain word sum twice: 1 to FP_BLOCK - 1 words, no tail bytes."""
+    nbytes = t.numel() * t.element_size()
+    return 0 < nbytes < FP_BLOCK * 8 and nbytes % 8 == 0
+
+
+def _by_device(names: list[str], sd: Mapping[str, torch.Tensor]) -> list[list[str]]:
+    groups: dict = {}
+    for n in names:
+        groups.setdefault(sd[n].device, []).append(n)
+    return list(groups.values())
+
+
+def _small_fingerprints(ts: list[torch.Tensor], host: Optional[bool] = None) -> torch.Tensor:
+    """_tensor_fingerprint of many one-block tensors on one device, as a (len(ts), 2) tensor, in a
+    few ops instead of ten per tensor: a model's norms and biases are hundreds of tiny replicated
+    tensors, and on a GPU each op is a launch. Their words are concatenated and summed per tensor:
+    numpy's reduceat on the host, index_add_ on a device (`host` forces one; both wrap like sum)."""
+    words = torch.cat([t.detach().contiguous().reshape(-1).view(torch.uint8) for t in ts]).view(torch.int64)
+    counts = [t.numel() * t.element_size() // 8 for t in ts]
+    if words.device.type == "cpu" if host is None else host:
+        starts = np.cumsum([0] + counts[:-1])
+        sums = torch.from_numpy(np.add.reduceat(words.cpu().numpy(), starts)).to(words.device)
+    else:
+        owner = torch.repeat_interleave(torch.arange(len(ts), device=words.device),
+                                        torch.tensor(counts, device=words.device), output_size=words.numel())
+        sums = torch.zeros(len(ts), dtype=torch.int64, device=words.device).index_add_(0, owner, words)
+    return torch.stack([sums, sums], dim=1)
+
+
 def fingerprints(sd: Mapping[str, torch.Tensor], subsets: Mapping[str, Iterable[str]],
                  stand_ins: Mapping[str, Mapping[str, str]] = {}) -> dict[str, str]:
     """One fingerprint (hex) per named subset of `sd` (sorted names, shapes, dtypes and each
@@ -74,8 +105,13 @@ def fingerprints(sd: Mapping[str, torch.Tensor], subsets: Mapping[str, Iterable[
     those ranks from one read): its source signature."""
     subsets = {k: sorted(set(v)) for k, v in subsets.items()}
     names = sorted({n for k, v in subsets.items() for n in v if n not in stand_ins.get(k, {})})
-    pairs = torch.stack([_tensor_fingerprint(sd[n]) for n in names]).cpu().tolist() if names else []
-    sums = dict(zip(names, pairs))
+    small = [n for n in names if _one_block(sd[n])]
+    big = [n for n in names if not _one_block(sd[n])]
+    parts = [_small_fingerprints([sd[n] for n in group])
+             for group in _by_device(small, sd)] + [_tensor_fingerprint(sd[n])[None] for n in big]
+    order = [n for group in _by_device(small, sd) for n in group] + big
+    pairs = torch.cat([p.cpu() for p in parts]).tolist() if parts else []
+    sums = dict(zip(order, pairs))
     out = {}
     for key, subset in subsets.items():
         h = hashlib.blake2b(digest_size=16)

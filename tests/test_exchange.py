@@ -194,6 +194,35 @@ def test_fingerprint_sees_a_changed_word_and_swapped_blocks():
     assert fingerprints({"w": t}, {"all": ["w"]}, {"all": {"w": "sig"}})["all"] != base
 
 
+def test_small_tensors_are_fingerprinted_together_with_the_same_values(monkeypatch):
+    """Hundreds of norms and biases are summed in one batch (numpy's reduceat on the host, index_add_
+    on a device): the fingerprints are exactly those of the per-tensor definition, for every size
+    around the one-block edge, odd tails, empty tensors and several dtypes; a changed word in a
+    batched tensor still shows."""
+    import sat_dist.report as R
+
+    g = torch.Generator().manual_seed(3)
+    sizes = [0, 1, 3, 8, 4095, R.FP_BLOCK * 8 - 8, R.FP_BLOCK * 8, R.FP_BLOCK * 8 + 8, 3 * R.FP_BLOCK * 8 + 5]
+    sd = {f"u8_{n}": torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8) for n in sizes}
+    sd.update({f"bf16_{i}": torch.randn(i, generator=g).to(torch.bfloat16) for i in (1, 4, 6, 3072)})
+    sd.update({f"norm{i}": torch.randn(2048, generator=g) for i in range(300)})
+    sd["scalar"] = torch.tensor(2.5, dtype=torch.float64)
+    subsets = {"all": list(sd), "some": [n for n in sd if n.startswith("norm1")]}
+    batched = R.fingerprints(sd, subsets)
+    assert sum(map(R._one_block, sd.values())) > 300
+    with monkeypatch.context() as m:
+        m.setattr(R, "_one_block", lambda t: False)
+        assert R.fingerprints(sd, subsets) == batched
+    small = [t for t in sd.values() if R._one_block(t)]
+    per_tensor = torch.stack([R._tensor_fingerprint(t) for t in small])
+    assert torch.equal(R._small_fingerprints(small, host=True), per_tensor)
+    assert torch.equal(R._small_fingerprints(small, host=False), per_tensor)  # the device path, run here
+    changed = dict(sd, norm7=sd["norm7"].clone())
+    changed["norm7"].view(torch.int32)[1000] ^= 1
+    assert R.fingerprints(changed, subsets)["all"] != batched["all"]
+    assert R.fingerprints(changed, subsets)["some"] == batched["some"]
+
+
 def test_progress_bar_path_loads(ckpts):
     _, roots = ckpts
     (state, rep), = values(run_ranks(1, _progress, roots[1]))
