@@ -105,13 +105,13 @@ def fingerprints(sd: Mapping[str, torch.Tensor], subsets: Mapping[str, Iterable[
     those ranks from one read): its source signature."""
     subsets = {k: sorted(set(v)) for k, v in subsets.items()}
     names = sorted({n for k, v in subsets.items() for n in v if n not in stand_ins.get(k, {})})
-    small = [n for n in names if _one_block(sd[n])]
-    big = [n for n in names if not _one_block(sd[n])]
-    parts = [_small_fingerprints([sd[n] for n in group])
-             for group in _by_device(small, sd)] + [_tensor_fingerprint(sd[n])[None] for n in big]
-    order = [n for group in _by_device(small, sd) for n in group] + big
-    pairs = torch.cat([p.cpu() for p in parts]).tolist() if parts else []
-    sums = dict(zip(order, pairs))
+    sums: dict[str, list[int]] = {}
+    for group in _by_device(names, sd):  # one device sync per device: the rank's own, one
+        small = [n for n in group if _one_block(sd[n])]
+        big = [n for n in group if not _one_block(sd[n])]
+        parts = [_small_fingerprints([sd[n] for n in small])] if small else []
+        parts += [_tensor_fingerprint(sd[n])[None] for n in big]
+        sums.update(zip(small + big, torch.cat(parts).cpu().tolist()))
     out = {}
     for key, subset in subsets.items():
         h = hashlib.blake2b(digest_size=16)
