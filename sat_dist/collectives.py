@@ -99,38 +99,42 @@ def wait(work) -> None:
     work.wait()
 
 
-# One all-gather carries a whole agreement object when it pickles to at most this many bytes.
-OBJECT_FRAME = 64 << 10
+# One all-gather carries a whole agreement object when it pickles to at most the frame's bytes: 64 KiB
+# (a 5B DiT's plan offer is ~40 KB), less in worlds so large that world x frame would pass 16 MiB.
+OBJECT_FRAME, FRAMES_BUDGET, MIN_FRAME = 64 << 10, 16 << 20, 4 << 10
 _LEN = 8  # the frame's header: the pickle's length, int64
+
+
+def object_frame(world: int) -> int:
+    """The frame size every rank of a `world` uses (the same on all: it depends on nothing else)."""
+    return max(MIN_FRAME, min(OBJECT_FRAME, FRAMES_BUDGET // max(1, world)))
 
 
 def all_gather_objects(obj: Any) -> list[Any]:
     """Gather one picklable object from every rank (used for agreement, never for weights).
 
-    One all-gather of a fixed-size frame (the pickle's length, then its first OBJECT_FRAME bytes)
+    One all-gather of a fixed-size frame (the pickle's length, then its first `object_frame` bytes)
     where `dist.all_gather_object` takes two (the sizes, then the padded pickles): each agreement
     point costs one round trip, which on a busy host is most of its cost. Only when some rank's
     object is larger does a second all-gather carry the rest; every rank reads every length from the
     first, so all of them take that branch together."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [obj]
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    data, cap = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), object_frame(dist.get_world_size())
     dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    frame = torch.zeros(_LEN + OBJECT_FRAME, dtype=torch.uint8)
+    frame = torch.zeros(_LEN + cap, dtype=torch.uint8)
     frame[:_LEN] = torch.tensor([len(data)], dtype=torch.int64).view(torch.uint8)
-    head = data[:OBJECT_FRAME]
-    if head:
-        frame[_LEN:_LEN + len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
+    if data:
+        frame[_LEN:_LEN + min(len(data), cap)] = torch.frombuffer(bytearray(data[:cap]), dtype=torch.uint8)
     frames = _all_gather(frame, dev)
     lengths = [int(f[:_LEN].view(torch.int64)[0]) for f in frames]
-    parts = [bytes(f[_LEN:_LEN + min(n, OBJECT_FRAME)].numpy()) for f, n in zip(frames, lengths)]
-    rest = max(lengths) - OBJECT_FRAME
+    parts = [bytes(f[_LEN:_LEN + min(n, cap)].numpy()) for f, n in zip(frames, lengths)]
+    rest = max(lengths) - cap
     if rest > 0:
         tail = torch.zeros(rest, dtype=torch.uint8)
-        if len(data) > OBJECT_FRAME:
-            tail[:len(data) - OBJECT_FRAME] = torch.frombuffer(bytearray(data[OBJECT_FRAME:]), dtype=torch.uint8)
-        parts = [p + bytes(t[:max(0, n - OBJECT_FRAME)].numpy())
-                 for p, t, n in zip(parts, _all_gather(tail, dev), lengths)]
+        if len(data) > cap:
+            tail[:len(data) - cap] = torch.frombuffer(bytearray(data[cap:]), dtype=torch.uint8)
+        parts = [p + bytes(t[:max(0, n - cap)].numpy()) for p, t, n in zip(parts, _all_gather(tail, dev), lengths)]
     return [pickle.loads(p) for p in parts]
 
 

@@ -109,13 +109,15 @@ def _load_dtype(rank, path):
     return dict(model.state_dict()), rep.ranks[rank], None
 
 
-def _gather_objects(rank, sizes):
-    """Gather an object of sizes[rank] pickled-ish bytes from every rank; count the all-gathers."""
+def _gather_objects(rank, sizes, budget=None):
+    """Gather an object of sizes[rank] bytes from every rank; count the all-gathers and their sizes."""
     import torch.distributed as dist
 
     import sat_dist.collectives as C
     from sat_dist.launch import detect_launch
 
+    if budget is not None:  # as a world of FRAMES_BUDGET / budget x 3 ranks would: a smaller frame
+        C.FRAMES_BUDGET = budget
     rt = C.setup(detect_launch(timeout_s=30), 1, None, 30)
     calls, real = [], dist.all_gather
     dist.all_gather = lambda *a, **k: (calls.append(a[1].numel()), real(*a, **k))[1]
@@ -124,23 +126,26 @@ def _gather_objects(rank, sizes):
     finally:
         dist.all_gather = real
         C.teardown(rt)
-    return got, calls
+    return got, calls, C.object_frame(3)
 
 
-@pytest.mark.parametrize("sizes", [(0, 10, 100), (0, 1 << 16, 5), (300_000, 7, 1 << 17)])
-def test_object_gather_is_one_all_gather_unless_an_object_outgrows_the_frame(sizes):
-    """Agreement objects travel in one all-gather of a fixed frame; a larger one on ANY rank makes
-    every rank do one more (for the tail), and every rank gets every object exactly."""
+@pytest.mark.parametrize("sizes,budget", [((0, 10, 100), None), ((0, 1 << 16, 5), None),
+                                          ((300_000, 7, 1 << 17), None), ((0, 10, 9000), 3 * 4096)])
+def test_object_gather_is_one_all_gather_unless_an_object_outgrows_the_frame(sizes, budget):
+    """Agreement objects travel in one all-gather of a fixed frame (64 KiB; smaller in worlds so
+    large that world x frame would pass the budget); a larger object on ANY rank makes every rank do
+    one more (for the tail), and every rank gets every object exactly."""
     import pickle
 
-    from sat_dist.collectives import OBJECT_FRAME
+    from sat_dist.collectives import MIN_FRAME, OBJECT_FRAME, object_frame
 
-    out = values(run_ranks(3, _gather_objects, sizes))
+    assert object_frame(1) == object_frame(256) == OBJECT_FRAME
+    assert object_frame(1024) == 16 << 10 and object_frame(1 << 20) == MIN_FRAME
+    out = values(run_ranks(3, _gather_objects, sizes, budget))
     want = [{"rank": r, "blob": bytes([r]) * n} for r, n in enumerate(sizes)]
     longest = max(len(pickle.dumps(w, protocol=pickle.HIGHEST_PROTOCOL)) for w in want)
-    rounds = 1 if longest <= OBJECT_FRAME else 2
-    for got, calls in out:
+    for got, calls, frame in out:
+        assert frame == (OBJECT_FRAME if budget is None else 4096)
         assert got == want
-        assert len(calls) == rounds
-        if rounds == 2:
-            assert calls[1] == longest - OBJECT_FRAME
+        assert calls[0] == 8 + frame
+        assert calls[1:] == ([longest - frame] if longest > frame else [])
