@@ -120,20 +120,19 @@ def all_gather_objects(obj: Any) -> list[Any]:
     first, so all of them take that branch together."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [obj]
-    data, cap = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), object_frame(dist.get_world_size())
+    data = torch.frombuffer(bytearray(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)), dtype=torch.uint8)
+    cap = object_frame(dist.get_world_size())
     dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     frame = torch.zeros(_LEN + cap, dtype=torch.uint8)
-    frame[:_LEN] = torch.tensor([len(data)], dtype=torch.int64).view(torch.uint8)
-    if data:
-        frame[_LEN:_LEN + min(len(data), cap)] = torch.frombuffer(bytearray(data[:cap]), dtype=torch.uint8)
+    frame[:_LEN] = torch.tensor([data.numel()], dtype=torch.int64).view(torch.uint8)
+    frame[_LEN:_LEN + min(data.numel(), cap)] = data[:cap]
     frames = _all_gather(frame, dev)
     lengths = [int(f[:_LEN].view(torch.int64)[0]) for f in frames]
     parts = [bytes(f[_LEN:_LEN + min(n, cap)].numpy()) for f, n in zip(frames, lengths)]
     rest = max(lengths) - cap
-    if rest > 0:
+    if rest > 0:  # every rank sends the longest tail's size; its own tail (empty when it fit) first
         tail = torch.zeros(rest, dtype=torch.uint8)
-        if len(data) > cap:
-            tail[:len(data) - cap] = torch.frombuffer(bytearray(data[cap:]), dtype=torch.uint8)
+        tail[:max(0, data.numel() - cap)] = data[cap:]
         parts = [p + bytes(t[:max(0, n - cap)].numpy()) for p, t, n in zip(parts, _all_gather(tail, dev), lengths)]
     return [pickle.loads(p) for p in parts]
 
