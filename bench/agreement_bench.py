@@ -33,7 +33,7 @@ def _gathers(rank: int, iters: int) -> dict:
         return out
     res = {}
     try:
-        for name, fn in (("all_gather_objects (one all-gather)", lambda: C.all_gather_objects(obj)),
+        for name, fn in (("all_gather_objects (one all-gather)", lambda: C.all_gather_objects(obj, rt.ctrl_group)),
                          ("dist.all_gather_object (two)", legacy)):
             for _ in range(5):
                 fn()

@@ -12,6 +12,8 @@ report says so (`error_report`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -57,35 +59,74 @@ def _gather(rt: Runtime, obj: Any, phase: str, timeout_s: float) -> list:
     C.mark_arrival(rt, phase)
     t0 = time.monotonic()
     try:
-        return C.all_gather_objects(obj)
+        return C.all_gather_objects(obj, rt.ctrl_group)
     except Exception as exc:
         raise C.unreachable(rt, phase, exc, time.monotonic() - t0, timeout_s) from exc
 
 
-def _raise(statuses: list[RankStatus], phase: str, problems: dict[int, str]) -> None:
+def _raise(statuses: Sequence[Any], phase: str, problems: dict[int, str]) -> None:
     world = len(statuses)
     lines = [f"sat_dist load failed on rank(s) {sorted(problems)} of {world} during '{phase}':"]
     lines += [f"  rank {r}: {msg}" for r, msg in sorted(problems.items())]
     raise GroupLoadError("\n".join(lines), problems, phase)
 
 
-def agree_tags(rt: Runtime, cfgs: Sequence[LoadConfig], timeout_s: float
+# What a rank loads depends on these: every rank must have the same (or the ranks would read different
+# bytes, or different collectives); `--report`, `--digest` and the progress bar are about output, and
+# every rank takes rank 0's (a `--report` given on the head node only still gets every rank's digest).
+OUTPUT_OPTIONS = ("report", "digest", "progress")
+
+
+def load_options(cfg: LoadConfig) -> dict[str, Any]:
+    """The options of one load that every rank must share, as the user would name them."""
+    model = hashlib.sha256(repr(cfg.model).encode()).hexdigest()[:12]
+    return {"checkpoint": os.path.abspath(cfg.checkpoint) if cfg.checkpoint else None, "--tag": cfg.tag,
+            "--tp": cfg.tp, "--dtype": cfg.dtype or "as stored", "--weights": cfg.weights,
+            "--verify": cfg.verify, "model config (--config, model.* overrides)": model}
+
+
+def option_problems(options: list[list[dict]], names: Sequence[str] = ()) -> dict[int, str]:
+    """Ranks whose load options differ from rank 0's, each naming the option and both values."""
+    out: dict[int, str] = {}
+    ref = options[0]
+    for rank, mine in enumerate(options[1:], start=1):
+        if len(mine) != len(ref):
+            out[rank] = f"ConfigError: loads {len(mine)} component(s) where rank 0 loads {len(ref)}"
+            continue
+        diffs = [f"{names[i] + ' ' if len(ref) > 1 and i < len(names) else ''}{k} {m[k]!r} (rank 0: {r.get(k)!r})"
+                 for i, (m, r) in enumerate(zip(mine, ref)) for k in m if m[k] != r.get(k)]
+        if diffs:
+            out[rank] = (f"ConfigError: started with other load options than rank 0: {'; '.join(diffs)}; start every "
+                         f"rank (every node) with the same command line")
+    return out
+
+
+def agree_tags(rt: Runtime, cfgs: Sequence[LoadConfig], timeout_s: float, names: Sequence[str] = ()
                ) -> tuple[list[LoadConfig], Optional[SatDistError]]:
-    """Rank 0 reads each checkpoint's `latest` once and every rank indexes the tag it read, so a
-    checkpoint being saved while the job starts cannot give ranks different iterations. Returns the
-    configs with their tag set, and rank 0's error reading `latest` (every rank reports it at 'plan')."""
-    mine: Any = None
+    """The first agreement of a load. Every rank's load options are compared (a difference fails every
+    rank, naming the option and the values); the output options follow rank 0. Rank 0 reads each
+    checkpoint's `latest` once and every rank indexes the tag it read, so a checkpoint being saved
+    while the job starts cannot give ranks different iterations. Returns the configs with their tag
+    and rank 0's output options set, and rank 0's error reading `latest` (reported at 'plan')."""
+    mine: dict[str, Any] = {"options": [load_options(c) for c in cfgs], "tags": None,
+                            "output": [{k: getattr(c, k) for k in OUTPUT_OPTIONS} for c in cfgs]}
     if rt.rank == 0:
         try:
-            mine = [c.tag if c.tag is not None or not c.checkpoint else formats.latest_tag(c.checkpoint) for c in cfgs]
+            mine["tags"] = [c.tag if c.tag is not None or not c.checkpoint else formats.latest_tag(c.checkpoint)
+                            for c in cfgs]
         except SatDistError as exc:
-            mine = (type(exc).__name__, str(exc))
+            mine["tags"] = (type(exc).__name__, str(exc))
         except Exception as exc:
-            mine = ("CheckpointError", describe(exc))
-    got = _gather(rt, mine, "tag", timeout_s)[0]
-    if isinstance(got, tuple):
-        return list(cfgs), getattr(errors, got[0], CheckpointError)(got[1])
-    return [dataclasses.replace(c, tag=t) for c, t in zip(cfgs, got)], None
+            mine["tags"] = ("CheckpointError", describe(exc))
+    got = _gather(rt, mine, "tag", timeout_s)
+    problems = option_problems([g["options"] for g in got], names)
+    if problems:
+        _raise(got, "tag", problems)
+    cfgs = [dataclasses.replace(c, **out) for c, out in zip(cfgs, got[0]["output"])]
+    tags = got[0]["tags"]
+    if isinstance(tags, tuple):
+        return list(cfgs), getattr(errors, tags[0], CheckpointError)(tags[1])
+    return [dataclasses.replace(c, tag=t) for c, t in zip(cfgs, tags)], None
 
 
 def plan_dtypes(plans: Sequence[Any]) -> tuple[str, dict[str, str]]:
@@ -203,4 +244,4 @@ def write_error_report(path: Optional[str], exc: BaseException, checkpoint: Opti
 
 
 __all__ = ["RankStatus", "SatDistError", "agree_loaded", "agree_phase", "agree_tags", "describe", "error_report",
-           "finalize", "local_status", "plan_dtypes", "write_error_report"]
+           "finalize", "load_options", "local_status", "option_problems", "plan_dtypes", "write_error_report"]

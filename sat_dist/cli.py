@@ -26,6 +26,8 @@ def _add_load_args(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
     p.add_argument("--report", default=None, metavar="PATH", help="write the JSON load report here (rank 0)")
     p.add_argument("--timeout", type=float, default=None, dest="timeout_s",
                    help="seconds before a missing peer or rendezvous fails the load (default 300)")
+    p.add_argument("--runtime-timeout", type=float, default=None, dest="runtime_timeout_s",
+                   help="the groups' timeout once loaded, for forwards and sampling (default 7200)")
     p.add_argument("--exchange", choices=["auto", "on", "off"], default=None,
                    help="on: ranks that need the same bytes split the reads and broadcast them; off: every rank "
                         "reads all it needs; auto (default): on when the job spans several hosts or uses CUDA")
@@ -158,7 +160,7 @@ def cmd_load(args: argparse.Namespace, checkpoint: Optional[str]) -> int:
     model, report = loader.load_model(
         checkpoint, args.config, tp=args.tp, dtype=args.dtype, device=args.device, report=args.report,
         overrides=args.overrides, tag=args.tag, timeout_s=args.timeout_s, return_report=True,
-        weights=getattr(args, "weights", None), exchange=args.exchange, digest=args.digest,
+        runtime_timeout_s=getattr(args, "runtime_timeout_s", None), weights=getattr(args, "weights", None), exchange=args.exchange, digest=args.digest,
         progress=False if args.quiet else None, verify=getattr(args, "verify", None),
     )
     import torch.distributed as dist
@@ -191,9 +193,15 @@ def cmd_env(_: argparse.Namespace) -> int:
     from .runtime import pick_backend, pick_device
 
     info = detect_launch().to_dict()
-    dev = pick_device(info["local_rank"])
-    info.update(host=socket.gethostname(), device=str(dev), backend=pick_backend(dev),
-                cuda_available=torch.cuda.is_available())
+    try:
+        dev = pick_device(info["local_rank"], info["local_world_size"])
+        info.update(device=str(dev), backend=pick_backend(dev))
+        if dev.type == "cuda":
+            info.update(gpu_uuid=str(torch.cuda.get_device_properties(dev).uuid), gpu=torch.cuda.get_device_name(dev))
+    except ConfigError as exc:  # the reason a load would refuse this rank's device
+        info.update(device=None, device_error=str(exc), backend="nccl")
+    info.update(host=socket.gethostname(), cuda_available=torch.cuda.is_available(),
+                cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
     # One write per line: mpirun/srun merge the ranks' stdout, and a JSON line split into two
     # writes (print's text, then its newline, when Python is unbuffered) can interleave.
     sys.stdout.write(json.dumps(info, sort_keys=True) + "\n")

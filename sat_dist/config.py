@@ -45,6 +45,7 @@ class LoadConfig:
     dtype: Optional[str] = None  # None: keep the stored dtype
     device: Optional[str] = None  # None: cuda:LOCAL_RANK if CUDA is present, else cpu
     timeout_s: float = 300.0
+    runtime_timeout_s: Optional[float] = None  # the groups' timeout after the load (None: 2 h, collectives)
     staging_mib: int = 64  # host staging buffer: bounds host memory during reads
     tag: Optional[str] = None  # iteration folder to load instead of `latest`
     weights: str = "auto"  # DeepSpeed ZeRO-1/2: auto|module = module weights, fp32 = fp32 master partitions
@@ -171,6 +172,10 @@ def resolve(
         cfg.exchange = "on" if cfg.exchange else "off"
     if cfg.exchange not in ("auto", "on", "off"):
         raise ConfigError(f"--exchange must be auto, on or off, got {cfg.exchange!r}")
+    for key in ("timeout_s", "runtime_timeout_s"):
+        value = getattr(cfg, key)
+        if value is not None and (not isinstance(value, (int, float)) or value <= 0):
+            raise ConfigError(f"--{key[:-2].replace('_', '-')} must be a positive number of seconds, got {value!r}")
     if cfg.readers is not None and cfg.readers < 1:
         raise ConfigError(f"load.readers must be >= 1, got {cfg.readers}")
     return cfg

@@ -275,7 +275,7 @@ def _run(rt: Runtime, cfg: LoadConfig, writer, dst: str, tp: int, limit: int, se
     except Exception as exc:  # agreed below: every rank fails alike
         err = exc
     agree_phase(rt, "convert: plan", err, cfg.timeout_s)
-    tmp = f"{dst}.tmp-{C.all_gather_objects(os.getpid())[0]}"
+    tmp = f"{dst}.tmp-{C.all_gather_objects(os.getpid(), rt.ctrl_group)[0]}"
     job = prep.job
     # materialize may keep several staging buffers of one op each: ops of 1/8 of the budget
     op_bytes = max(1, (cfg.staging_mib << 20) // 8)
@@ -319,7 +319,7 @@ def _run(rt: Runtime, cfg: LoadConfig, writer, dst: str, tp: int, limit: int, se
         raise
     ranks = C.all_gather_objects({"rank": rt.rank, "files": [(w.file, w.bytes) for w in mine],
                                   "bytes_written": sum(w.bytes for w in mine), "bytes_read": fetch.bytes_read,
-                                  "peak_rss_bytes": rss, "seconds": seconds})
+                                  "peak_rss_bytes": rss, "seconds": seconds}, rt.ctrl_group)
     files = sorted(({"file": f, "bytes": b, "rank": r["rank"]} for r in ranks for f, b in r["files"]),
                    key=lambda d: d["file"])
     for r in ranks:

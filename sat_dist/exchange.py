@@ -89,6 +89,9 @@ def run(rt: Runtime, ex: Exchange, tensors: Mapping[str, torch.Tensor], timeout_
     received = 0
     C.mark_arrival(rt, "exchange")
     t0 = time.monotonic()
+    # On NCCL a broadcast that waits past the group's timeout kills the process: poll it against the
+    # load's deadline instead (the device groups' timeout is a grace later, collectives.enter_load).
+    deadline = t0 + timeout_s if rt.device.type == "cuda" else None
     try:
         for items, group in ((ex.dp, rt.dp_group), (ex.world, None)):
             works = []
@@ -97,7 +100,7 @@ def run(rt: Runtime, ex: Exchange, tensors: Mapping[str, torch.Tensor], timeout_
                 if src != rt.rank:
                     received += payload.numel() * payload.element_size()
             for work, unpack in works:
-                C.wait(work)
+                C.wait(work, deadline)
                 unpack()
     except Exception as exc:  # names the rank(s) that never came (collectives.unreachable)
         raise C.unreachable(rt, "exchange", exc, time.monotonic() - t0, timeout_s) from exc
@@ -105,13 +108,14 @@ def run(rt: Runtime, ex: Exchange, tensors: Mapping[str, torch.Tensor], timeout_
 
 
 def _messages(items: list[tuple[str, int]], tensors: Mapping[str, torch.Tensor], rank: int):
-    """(tensor to broadcast, owner, what to do once it arrived): large tensors in place, the small
-    ones of each owner packed into one uint8 bucket (owners pack, receivers unpack)."""
+    """(tensor to broadcast, owner, what to do once it arrived): large tensors in place as their bytes
+    (uint8: NCCL has no uint16/uint32, and bytes are what the exchange moves), the small ones of each
+    owner packed into one uint8 bucket (owners pack, receivers unpack)."""
     buckets: dict[int, list[str]] = {}
     for name, owner in items:
         t = tensors[name]
         if t.numel() * t.element_size() >= BUCKET_BYTES:
-            yield t, owner, _nothing
+            yield _bytes_of(t), owner, _nothing
         else:
             buckets.setdefault(owner, []).append(name)
     for owner, names in sorted(buckets.items()):

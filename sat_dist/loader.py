@@ -25,7 +25,7 @@ from .materialize import materialize, pick_readers, staging_slots
 from .formats.base import IndexRequest
 from .launch import detect_launch, rank_and_world
 from .models import TPInfo, build_meta_model, check_tp, collect_specs
-from .pause import pause_point
+from .pause import fail_point, pause_point
 from .plan import make_plan
 from .report import LoadReport, Progress, RankReport, fingerprints, peak_rss_bytes, state_dict_digest
 from .runtime import Runtime
@@ -43,6 +43,7 @@ def load_model(
     tag: Optional[str] = None,
     weights: Optional[str] = None,
     timeout_s: Optional[float] = None,
+    runtime_timeout_s: Optional[float] = None,
     return_report: bool = False,
     digest: Optional[bool] = None,
     exchange: Optional[str] = None,
@@ -57,19 +58,23 @@ def load_model(
     digest in the report (default: only when `report` names a file to write); `exchange`: auto|on|off
     (ranks that need the same bytes split the reads); `progress`: rank 0's bar (default: on a TTY);
     `verify`: check every block this rank reads against the checkpoint's manifest (True) or the one at
-    that path (integrity.py). On failure, a `report` file gets status "error", the ranks and causes.
+    that path (integrity.py). `timeout_s` bounds every wait of the load; `runtime_timeout_s` is the
+    groups' timeout afterwards (forwards; default `collectives.RUNTIME_TIMEOUT_S`). On failure, a
+    `report` file gets status "error", the ranks and causes.
     """
     t0 = time.perf_counter()
     files = [config] if isinstance(config, str) else list(config or [])
     cfg = rt = None
     try:
         cfg = resolve(checkpoint, files, overrides, tp=tp, dtype=dtype, device=device, report=report,
-                      tag=tag, timeout_s=timeout_s, weights=weights, digest=digest, exchange=exchange,
+                      tag=tag, timeout_s=timeout_s, runtime_timeout_s=runtime_timeout_s, weights=weights, digest=digest, exchange=exchange,
                       progress=progress, verify=verify)
         if not cfg.checkpoint:
             raise ConfigError("no checkpoint given: pass a path (or load.checkpoint in a config)")
-        rt = C.setup(detect_launch(timeout_s=cfg.timeout_s), cfg.tp, cfg.device, cfg.timeout_s)
+        rt = C.setup(detect_launch(timeout_s=cfg.timeout_s), cfg.tp, cfg.device, cfg.timeout_s,
+                     runtime_timeout_s=cfg.runtime_timeout_s)
         model, rep = load_with_runtime(rt, cfg, t0)
+        C.enter_runtime(rt)  # the forwards are not bounded by the load's timeout
     except BaseException as exc:
         if rt is not None:
             C.teardown(rt)
@@ -108,7 +113,7 @@ def load_components(rt: Runtime, cfgs: Sequence[LoadConfig], t0: Optional[float]
     t0 = time.perf_counter() if t0 is None else t0
     names = list(names) or [f"component {i}" for i in range(len(cfgs))]
     timeout = max(c.timeout_s for c in cfgs)
-    cfgs, err = agree_tags(rt, cfgs, timeout)  # each `latest` read once, by rank 0
+    cfgs, err = agree_tags(rt, cfgs, timeout, names)  # the same options everywhere; each `latest` read once
     planned: list = []
     try:
         if err:
@@ -182,11 +187,23 @@ def _load_component(rt: Runtime, cfg: LoadConfig, model: nn.Module, specs: dict,
     show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
     own = sum(op.nbytes for op in plan.ops if op.name in share.read)
     bar = Progress(show and rt.rank == 0, own, rt.world_size)
+    err: Optional[BaseException] = None
     try:
+        fail_point("read", rt.rank, rt.device)
         tensors, stats = materialize(plan, rt.device, share.read, pick_readers(cfg.readers, rt.launch.local_world_size),
                                      bar.update, exchange.stripe(rt, offers))
+    except Exception as exc:  # with the exchange on, agreed before any broadcast (below)
+        err = exc
     finally:
         bar.close()
+    if exchange.wanted(offers):
+        # Agree before the exchange: a rank whose read failed (a CUDA OOM allocating its shard, a short
+        # read) would otherwise go to the final agreement while its peers wait in a broadcast — a hang
+        # until NCCL's watchdog kills the job, its real error never printed. Every rank raises it here.
+        pause_point("exchange", rt.rank)
+        agree_phase(rt, "read", err, cfg.timeout_s)
+    elif err is not None:
+        raise err
     received = exchange.run(rt, share, tensors, cfg.timeout_s)
     model.load_state_dict(tensors, strict=True, assign=True)
     del tensors

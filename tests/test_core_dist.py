@@ -122,7 +122,7 @@ def _gather_objects(rank, sizes, budget=None):
     calls, real = [], dist.all_gather
     dist.all_gather = lambda *a, **k: (calls.append(a[1].numel()), real(*a, **k))[1]
     try:
-        got = C.all_gather_objects({"rank": rank, "blob": bytes([rank]) * sizes[rank]})
+        got = C.all_gather_objects({"rank": rank, "blob": bytes([rank]) * sizes[rank]}, rt.ctrl_group)
     finally:
         dist.all_gather = real
         C.teardown(rt)

@@ -43,7 +43,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cfg-parallel", action="store_true",
                    help="with 2 x tp ranks or more, do not pair DP replicas for the two CFG passes")
     p.add_argument("--report", default=None, metavar="PATH", help="write the JSON run report here (rank 0)")
-    p.add_argument("--timeout", type=float, default=None, dest="timeout_s", help="process-group timeout, seconds")
+    p.add_argument("--timeout", type=float, default=None, dest="timeout_s",
+                   help="seconds before a missing peer fails the load (default 300)")
+    p.add_argument("--runtime-timeout", type=float, default=None, dest="runtime_timeout_s",
+                   help="the groups' timeout once loaded: bounds every wait of sampling, e.g. a work group idle "
+                        "while another renders (default 7200)")
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
@@ -73,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
     engine = load_engine(args.model or args.config, tp=args.tp, dtype=args.dtype, device=args.device,
-                         timeout_s=args.timeout_s, cfg_parallel=not args.no_cfg_parallel)
+                         timeout_s=args.timeout_s, runtime_timeout_s=args.runtime_timeout_s,
+                         cfg_parallel=not args.no_cfg_parallel)
     rank = engine.rt.rank
     if rank == 0:
         print(engine.report.table(), flush=True)

@@ -5,7 +5,7 @@ pipeline's sampling on top of it (THUDM/CogVideo sat/sample_video.py does the sa
 `model_parallel_size = 1`: get_model -> load_checkpoint -> conditioner -> sampler -> VAE decode -> mp4).
 
 Ranks form work groups: a TP group, or with CFG parallel a pair of TP groups (two DP replicas,
-`collectives.cfg_pair_group`) that run the unconditional and conditional passes at once. Every rank
+`Runtime.cfg_group`, made by `collectives.setup`) that run the unconditional and conditional passes at once. Every rank
 of a group runs the same sampler on the same numbers; the group's leader (TP rank 0 of its first
 replica) decodes and gets the frames. `sample` runs one prompt on every group (rank 0 returns the
 frames); `sample_many` deals prompts out to the groups.
@@ -22,9 +22,10 @@ from .. import collectives as C
 from ..errors import ConfigError
 from ..launch import detect_launch
 from ..loader import keep_runtime, load_components
+from ..pause import pause_point
 from . import sat_sampler, video
 from .layout import Components, components_for
-from .report import EngineReport, RunRecord, peak_device_bytes
+from .report import EngineReport, RunRecord, max_reserved_bytes, peak_device_bytes
 from .sampler import Conditioning, Guidance, denoise, initial_noise, make_scheduler
 from .text import encode_prompt, load_tokenizer
 
@@ -163,6 +164,7 @@ class Engine:
         bar.close()
         frames = None
         if decode and self.leader:
+            pause_point("decode", self.rt.rank)
             t = time.perf_counter()
             frames = video.decode(self.vae, latents[:, extra:])[0]
             rec.seconds_decode = round(time.perf_counter() - t, 4)
@@ -180,8 +182,9 @@ class Engine:
         """Collective: gather every rank's peak memory and every leader's run records into rank 0's
         report (written to `report` there)."""
         mine = {"rank": self.rt.rank, "device": str(self.rt.device),
-                "peak_device_bytes": peak_device_bytes(self.rt.device), "runs": self.report.runs}
-        gathered = C.all_gather_objects(mine)
+                "peak_device_bytes": peak_device_bytes(self.rt.device),
+                "max_memory_reserved": max_reserved_bytes(self.rt.device), "runs": self.report.runs}
+        gathered = C.all_gather_objects(mine, self.rt.ctrl_group)
         self.report.ranks = [{k: v for k, v in g.items() if k != "runs"} for g in gathered]
         self.report.runs = [r for g in gathered for r in g["runs"]]
         if report and self.rt.rank == 0:
@@ -214,7 +217,7 @@ def _bar(total: int, show: bool):
 
 def load_engine(path_or_config: str | Sequence[str], tp: Optional[int] = None, *, dtype: Optional[str] = None,
                 device: Optional[str] = None, report: Optional[str] = None, timeout_s: Optional[float] = None,
-                cfg_parallel: bool = True, vae_tiling: Optional[dict] = None,
+                runtime_timeout_s: Optional[float] = None, cfg_parallel: bool = True, vae_tiling: Optional[dict] = None,
                 staging_mib: Optional[int] = None) -> Engine:
     """Load every component of a CogVideoX release on every rank of the job (see module docstring).
 
@@ -222,16 +225,19 @@ def load_engine(path_or_config: str | Sequence[str], tp: Optional[int] = None, *
     an even number of DP replicas, pair them for CFG (world = 2 x tp: one pair). `vae_tiling`:
     `AutoencoderKLCogVideoX.enable_tiling` arguments (default: diffusers' tile sizes)."""
     t0 = time.perf_counter()
-    common = {"tp": tp, "dtype": dtype, "device": device, "timeout_s": timeout_s, "staging_mib": staging_mib}
+    common = {"tp": tp, "dtype": dtype, "device": device, "timeout_s": timeout_s, "staging_mib": staging_mib,
+              "runtime_timeout_s": runtime_timeout_s}
     parts = components_for(path_or_config, common)
     tokenizer = load_tokenizer(parts.tokenizer)  # before the group forms: a bad folder fails every rank alike
     first = parts.models["transformer"]
-    rt = C.setup(detect_launch(timeout_s=first.timeout_s), first.tp, first.device, first.timeout_s)
+    rt = C.setup(detect_launch(timeout_s=first.timeout_s), first.tp, first.device, first.timeout_s,
+                 cfg_parallel=cfg_parallel, runtime_timeout_s=first.runtime_timeout_s)
     try:
         loaded = load_components(rt, list(parts.models.values()), t0, names=list(parts.models))
         models = {name: model for name, (model, _) in zip(parts.models, loaded)}
         tiled = video.enable_bounded_decode(models["vae"], vae_tiling)
-        pair = C.cfg_pair_group(rt, first.timeout_s) if cfg_parallel and rt.mesh.dp % 2 == 0 else None
+        pair = rt.cfg_group  # made by setup with the other groups, inside the load's bound
+        C.enter_runtime(rt)  # sampling is bounded by --runtime-timeout, not the load's --timeout
     except BaseException:
         C.teardown(rt)
         raise

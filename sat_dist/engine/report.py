@@ -20,6 +20,14 @@ def peak_device_bytes(device: torch.device) -> int:
     return peak_rss_bytes()
 
 
+def max_reserved_bytes(device: torch.device) -> Optional[int]:
+    """Peak memory the CUDA caching allocator reserved (what nvidia-smi sees of this process's tensors,
+    above `peak_device_bytes` by the allocator's slack); None off CUDA."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_reserved(device))
+    return None
+
+
 @dataclass
 class RunRecord:
     """One sample, as its group's leader saw it."""

@@ -12,7 +12,7 @@ video. The DiT takes SAT's arguments (`x` [B, T, C, H, W], `timesteps`, `context
 (`_prepare_rotary_positional_embeddings`; tests/test_cogvideox_forward.py).
 
 Classifier-free guidance: the unconditional and conditional passes run as one batch of 2 (as the
-pipeline does), or, with a CFG pair (`collectives.cfg_pair_group`: two DP replicas), each replica runs
+pipeline does), or, with a CFG pair (`Runtime.cfg_group`: two DP replicas), each replica runs
 one half and one all-gather per step exchanges them (`collectives.all_gather_pair`).
 """
 from __future__ import annotations
