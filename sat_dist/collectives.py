@@ -11,24 +11,23 @@ Keeping them in one module makes the communication pattern auditable. Two planes
   denoising step (`all_gather_pair`). Only tensors travel there.
 
 No wait on a peer is unbounded: collectives carry their group's timeout (the load's during a load,
-the runtime timeout after it), store calls run under `_bounded`, a device collective of the load is
+the runtime timeout after it), store calls run bounded (`rendezvous.bounded`), a device collective of the load is
 polled against the load's deadline (`wait`), and each rank marks its arrival at every agreement point.
 """
 from __future__ import annotations
 
 import datetime
-import itertools
 import os
 import pickle
-import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
-from .errors import ConfigError, GroupLoadError, RendezvousError
+from .errors import ConfigError, GroupLoadError
 from .launch import LaunchInfo
+from . import rendezvous as R
 from .pause import pause_point
 from .runtime import Mesh, Runtime, device_identity, pick_backend, pick_device, setup_problems
 
@@ -75,7 +74,7 @@ def setup(
         else:
             addr = launch.master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1")
             port = launch.master_port or int(os.environ.get("MASTER_PORT", "29500"))
-            store = _rendezvous(launch, addr, port, backend, timeout_s, dev)
+            store = R.rendezvous(launch, addr, port, backend, timeout_s, dev)
     elif dist.get_world_size() != launch.world_size or dist.get_rank() != launch.rank:
         launch = LaunchInfo(
             launch.launcher, dist.get_rank(), launch.local_rank, dist.get_world_size(),
@@ -84,13 +83,13 @@ def setup(
         mesh = Mesh(launch.world_size, tp)
     rt = Runtime(launch=launch, mesh=mesh, device=dev, owns_process_group=owns, load_timeout_s=timeout_s,
                  runtime_timeout_s=RUNTIME_TIMEOUT_S if runtime_timeout_s is None else runtime_timeout_s)
-    rt.store, rt.arrivals = store or _default_store(), f"sat_dist/{next(_LOADS)}"
+    rt.store, rt.arrivals = store or R.default_store(), f"sat_dist/{next(R.LOADS)}"
     _prune_groups()
     try:  # a store whose host stopped answers nothing: bounded, like every store wait here
-        rt.ctrl_group = _bounded(lambda: _group(rt, "ctrl", list(range(mesh.world_size)), "gloo"), timeout_s + 2,
+        rt.ctrl_group = R.bounded(lambda: _group(rt, "ctrl", list(range(mesh.world_size)), "gloo"), timeout_s + 2,
                                  f"rank {launch.rank}: creating the control group", dev)
         _agree_setup(rt, tp, cfg_parallel, dev_error)
-        _bounded(lambda: _device_groups(rt, cfg_parallel), timeout_s + 2,
+        R.bounded(lambda: _device_groups(rt, cfg_parallel), timeout_s + 2,
                  f"rank {launch.rank}: creating and connecting the TP, DP and CFG groups", dev)
         enter_load(rt)
     except BaseException:
@@ -114,11 +113,11 @@ def _agree_setup(rt: Runtime, tp: int, cfg_parallel: bool, dev_error: Optional[s
     mine = {"rank": rt.rank, "tp": tp, "cfg_parallel": cfg_parallel, "error": dev_error,
             "device": device_identity(rt.device, rt.kernel, rt.host) if dev_error is None else None}
     t0 = time.monotonic()
-    mark_arrival(rt, "setup")
+    R.mark_arrival(rt, "setup")
     try:
         got = all_gather_objects(mine, rt.ctrl_group)
     except Exception as exc:
-        raise unreachable(rt, "setup", exc, time.monotonic() - t0, rt.load_timeout_s) from exc
+        raise R.unreachable(rt, "setup", exc, time.monotonic() - t0, rt.load_timeout_s) from exc
     problems = setup_problems(got)
     if problems:
         lines = [f"sat_dist: the job cannot form its groups: rank(s) {sorted(problems)} of {len(got)} during 'setup':"]
@@ -222,10 +221,14 @@ def enter_runtime(rt: Runtime) -> None:
     _set_timeouts(rt, rt.runtime_timeout_s, rt.runtime_timeout_s)
 
 
-def teardown(rt: Runtime) -> None:
+def teardown(rt: Runtime, abort: bool = False) -> None:
     """Drop this runtime's references to its groups (the last one destroys a group) and destroy the
-    default group if this runtime created it (avoids gloo's abort-at-exit)."""
+    default group if this runtime created it (avoids gloo's abort-at-exit). `abort`: a device
+    collective may still be in flight (a broadcast given up at the load's deadline): on NCCL the
+    communicators are aborted first, since destroying them would wait for that collective."""
     rt.store = None
+    if abort and rt.device.type == "cuda" and dist.is_initialized():
+        _abort(rt)
     keys, rt.group_keys = rt.group_keys, []
     for key in keys:
         _REFS[key] = _REFS.get(key, 1) - 1
@@ -240,6 +243,21 @@ def teardown(rt: Runtime) -> None:
     if rt.owns_process_group and dist.is_initialized():
         dist.destroy_process_group()
         _prune_groups()
+
+
+def _abort(rt: Runtime) -> None:
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    if abort is None:
+        return
+    groups = [None] if rt.owns_process_group else [g for kind, g in _member_groups(rt) if kind != "ctrl"]
+    for group in groups:
+        try:
+            abort(group)
+        except Exception:
+            pass  # already aborted by the watchdog, or destroyed
+    if rt.owns_process_group:
+        _GROUPS.clear()
+        _REFS.clear()
 
 
 def broadcast_async(t: torch.Tensor, src: int, group=None):
@@ -325,147 +343,5 @@ def all_gather_pair(x: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
-# --- rendezvous and arrival checks ---------------------------------------------------------------
-# A c10d store answers nothing while the process hosting it is stopped (SIGSTOP, a hung NFS read):
-# every blocking store call runs in `_bounded`, so a rank never waits past its timeout. Each rank
-# marks its arrival at every agreement point (a `set`, which does not wait for an answer); after a
-# failed collective, the keys that are missing name the ranks that did not arrive.
-
-_LOADS = itertools.count()  # one arrival namespace per setup; every rank of a job counts alike
-
-
-def _bounded(fn: Callable[[], Any], seconds: float, what: str, device: Optional[torch.device] = None) -> Any:
-    """`fn()` in a daemon thread (with `device` current, for process groups created there);
-    RendezvousError if it has not returned within `seconds`."""
-    box: dict = {}
-
-    def run() -> None:
-        try:
-            if device is not None and device.type == "cuda":
-                torch.cuda.set_device(device)
-            box["value"] = fn()
-        except BaseException as exc:  # re-raised in the caller's thread
-            box["error"] = exc
-    th = threading.Thread(target=run, name="sat_dist-store", daemon=True)
-    th.start()
-    th.join(seconds)
-    if th.is_alive():
-        raise RendezvousError(f"{what} did not finish within {seconds:.0f}s: the rendezvous store did not answer "
-                              f"(its host, rank 0 or the launcher's agent, is stopped or hung)")
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
-
-
-def _default_store() -> Any:
-    """The store of a process group the caller created (None if torch does not expose it)."""
-    try:
-        return dist.distributed_c10d._get_default_store()
-    except Exception:
-        return None
-
-
-def _rendezvous(launch: LaunchInfo, addr: str, port: int, backend: str, timeout_s: float,
-                device: Optional[torch.device] = None) -> Any:
-    """Create the default process group through a store on which every rank marks its arrival, so
-    a rank that never comes is named. Under torchrun the agent hosts the store (as torch's own
-    tcp:// rendezvous does when TORCHELASTIC_USE_AGENT_STORE is set); otherwise rank 0 does."""
-    rank, world = launch.rank, launch.world_size
-    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    host = "the torchrun agent of node 0" if agent else f"rank 0 ({launch.launcher})"
-    where = f"tcp://{addr}:{port}"
-    timeout = datetime.timedelta(seconds=timeout_s)
-    deadline = time.monotonic() + timeout_s
-    try:
-        store = _bounded(lambda: dist.TCPStore(addr, port, world, is_master=rank == 0 and not agent, timeout=timeout,
-                                               wait_for_workers=False, multi_tenant=not agent),
-                         timeout_s + 1, f"rank {rank}: connecting to the store at {where}")
-    except Exception as exc:  # rendezvous failures are the first thing cluster users hit
-        raise RendezvousError(
-            f"rank {rank}: cannot reach the rendezvous store at {where}, hosted by {host}, within {timeout_s:.0f}s "
-            f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}); check that it started, "
-            f"MASTER_ADDR/MASTER_PORT, and that the address is reachable from {launch.launcher} rank {rank}"
-        ) from exc
-    prefix = f"sat_dist/{next(_LOADS)}/rendezvous"
-    arrived = False
-    try:
-        arrived = _bounded(lambda: _arrive_all(store, prefix, rank, world, timeout), timeout_s + 1,
-                           f"rank {rank}: the rendezvous at {where}")
-    except RendezvousError:
-        raise
-    except Exception:
-        arrived = False
-    if not arrived:
-        missing = missing_ranks(store, prefix, world, 0.0)
-        who = f"rank(s) {missing}" if missing else f"{host} (the store) or some rank"
-        raise RendezvousError(
-            f"rank {rank}: {who} of {world} did not join the rendezvous at {where} within {timeout_s:.0f}s (dead, "
-            f"stopped, or never started): check that every rank started (`sat-dist env` on each) and reaches {addr}")
-    left = max(deadline - time.monotonic(), 1.0)
-    _bounded(lambda: dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store), rank=rank,
-                                             world_size=world, timeout=timeout), left + 2,
-             f"rank {rank}: joining the process group at {where}", device)
-    return store
-
-
-def _arrive_all(store: Any, prefix: str, rank: int, world: int, timeout: datetime.timedelta) -> bool:
-    store.set(f"{prefix}/{rank}", "1")
-    if store.add(f"{prefix}/count", 1) == world:
-        store.set(f"{prefix}/all", "1")
-    try:
-        store.wait([f"{prefix}/all"], timeout)
-    except Exception:  # the store's timeout: someone did not come
-        return False
-    return True
-
-
-def mark_arrival(rt: Runtime, phase: str) -> None:
-    """Record in the store that this rank reached agreement point `phase` (never blocks)."""
-    if rt.store is not None:
-        try:
-            rt.store.set(f"{rt.arrivals}/{phase}/{rt.rank}", "1")
-        except Exception:  # the store is gone: the collective that follows fails and says so
-            pass
-
-
-def missing_ranks(store: Any, prefix: str, world: int, grace_s: float) -> Optional[list[int]]:
-    """Ranks whose arrival key under `prefix` is missing, waiting up to `grace_s` for stragglers;
-    None when the store does not answer within a few seconds."""
-    if store is None:
-        return None
-
-    def probe() -> list[int]:
-        end = time.monotonic() + grace_s
-        while True:
-            missing = [r for r in range(world) if not store.check([f"{prefix}/{r}"])]
-            if not missing or time.monotonic() >= end:
-                return missing
-            time.sleep(0.1)
-    try:
-        return _bounded(probe, grace_s + 2, "the arrival check")
-    except Exception:
-        return None
-
-
-def unreachable(rt: Runtime, phase: str, exc: BaseException, waited: float, timeout_s: float) -> GroupLoadError:
-    """The error of a rank whose collective at `phase` failed after `waited` seconds: it names the
-    rank(s) that never marked their arrival there. A fast failure is a broken connection (a peer
-    died): live stragglers get a moment to arrive first."""
-    missing = not_arrived(rt, phase, 0.0 if waited >= 0.9 * timeout_s else min(3.0, timeout_s))
-    if missing:
-        who = f"rank(s) {missing} did not reach it (dead, stopped or hung)"
-    elif missing is None:
-        who = ("no rank can be named: the store that records arrivals did not answer either, so its host "
-               "(rank 0, or the launcher's agent under torchrun) is stopped, hung or dead")
-    else:
-        who = "every rank reached it, then a peer's connection broke (a rank died or was interrupted)"
-    cause = (str(exc).strip().splitlines() or [""])[0][:300]
-    return GroupLoadError(
-        f"sat_dist: rank {rt.rank} could not reach its peers during '{phase}' after {waited:.1f}s: {who}; "
-        f"--timeout is {timeout_s:.0f}s. Cause: {type(exc).__name__}: {cause}",
-        {r: f"did not reach '{phase}'" for r in missing or []}, phase, agreed=False)
-
-
-def not_arrived(rt: Runtime, phase: str, grace_s: float) -> Optional[list[int]]:
-    """The ranks that have not reached agreement point `phase` (None: the store did not answer)."""
-    return missing_ranks(rt.store, f"{rt.arrivals}/{phase}", rt.world_size, grace_s)
+# The arrival marks and the error naming who never came, for the agreement points (agree, exchange).
+mark_arrival, unreachable, not_arrived = R.mark_arrival, R.unreachable, R.not_arrived

@@ -76,8 +76,8 @@ def load_model(
         model, rep = load_with_runtime(rt, cfg, t0)
         C.enter_runtime(rt)  # the forwards are not bounded by the load's timeout
     except BaseException as exc:
-        if rt is not None:
-            C.teardown(rt)
+        if rt is not None:  # a broadcast given up at the deadline may still be in flight on NCCL
+            C.teardown(rt, abort=isinstance(exc, GroupLoadError) and exc.phase == "exchange")
         if isinstance(exc, SatDistError):  # rank 0 writes the report: status "error", the ranks and causes
             who = (rt.rank, rt.world_size) if rt is not None else rank_and_world()
             write_error_report(cfg.report if cfg else report, exc, cfg.checkpoint if cfg else checkpoint, *who)

@@ -56,14 +56,20 @@ def image_latents(vae: nn.Module, image: Any, height: int, width: int, latent_fr
     """I2V: the first frame encoded (a sample of the VAE posterior, drawn from `generator`), scaled, then
     zero latent frames after it; for 1.5 (time patch) the first frames repeated to fill the patch.
     `scale` None: diffusers' (scaling_factor, or its inverse with `invert_scale_latents`); CogVideo's
-    SAT sample_video.py passes the unscaled latents (scale 1)."""
+    SAT sample_video.py passes the unscaled latents (scale 1).
+
+    The pixels are encoded in the VAE's own dtype, then the latents cast to `dtype` (the sampler's):
+    the VAE's dtype can differ from `dtype` (SAT layout: an fp32 sampler with a bf16 VAE; diffusers
+    layout: `dtype` is the text encoder's), and conv3d refuses fp32 input to bf16 weights."""
     if isinstance(image, str):
         if not os.path.isfile(image):
             raise ConfigError(f"--image {image} does not exist")
         from PIL import Image
 
         image = Image.open(image).convert("RGB")
-    pixels = processor(vae).preprocess(image, height=height, width=width).to(device, dtype=dtype)
+    # diffusers' ModelMixin.dtype (src/diffusers/models/modeling_utils.py): its parameters' dtype. Its
+    # DiagonalGaussianDistribution.sample (src/diffusers/models/autoencoders/vae.py) draws the noise in that dtype.
+    pixels = processor(vae).preprocess(image, height=height, width=width).to(device, dtype=vae.dtype)
     with torch.no_grad():
         enc = [vae.encode(img.unsqueeze(0)).latent_dist.sample(generator) for img in pixels.unsqueeze(2)]
     lat = torch.cat(enc).to(dtype).permute(0, 2, 1, 3, 4)  # [B, F, C, H, W]

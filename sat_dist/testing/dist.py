@@ -3,6 +3,10 @@
 Each rank gets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT like torchrun would set, so
 the code under test goes through its normal launcher detection. Results (or the exception type
 and message) come back per rank; every rank destroys its process group before exiting.
+
+Ranks run on the CPU (CUDA_VISIBLE_DEVICES="") unless the caller passes gpu=True: on a GPU host the
+code under test would otherwise pick cuda:LOCAL_RANK by itself (sat_dist/runtime.py picks CUDA when
+torch.cuda.is_available()), so CPU tests would quietly run on, and contend for, the GPUs.
 """
 from __future__ import annotations
 
@@ -34,13 +38,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, env: dict, conn) -> None:
+def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, env: dict, conn, gpu: bool = False) -> None:
     os.environ.update({
         "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
         "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
         "OMP_NUM_THREADS": "1",
     })
-    os.environ.update(env.get(rank, {}))
+    if not gpu:  # before torch's lazy CUDA init reads it; overrides an inherited value
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    os.environ.update(env.get(rank, {}))  # after the pin: a test may set its own CUDA_VISIBLE_DEVICES
     import torch
 
     torch.set_num_threads(1)
@@ -71,18 +77,23 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, env: di
 
 
 def run_ranks(world: int, fn: Callable, *args, timeout: float = 120.0, env: Optional[dict] = None,
-              kill_rank: Optional[int] = None) -> list[RankResult]:
+              kill_rank: Optional[int] = None, gpu: bool = False) -> list[RankResult]:
     """Fork `world` ranks running `fn(rank, *args)`; return their results in rank order.
 
-    `env` maps rank -> extra environment variables. A rank that exits without reporting comes
+    `env` maps rank -> extra environment variables (applied last). `gpu`: keep the inherited
+    CUDA_VISIBLE_DEVICES instead of hiding the GPUs. A rank that exits without reporting comes
     back with error_type 'Died'.
+
+    The pin only takes effect if this (parent) process has not queried CUDA before forking: once
+    `torch.cuda.is_available()` has run here, the CUDA runtime's device count is cached and forked
+    children inherit it.
     """
     ctx = mp.get_context("fork")
     port = free_port()
     procs, pipes = [], []
     for rank in range(world):
         parent, child = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_worker, args=(rank, world, port, fn, args, env or {}, child))
+        p = ctx.Process(target=_worker, args=(rank, world, port, fn, args, env or {}, child, gpu))
         p.start()
         child.close()
         procs.append(p)

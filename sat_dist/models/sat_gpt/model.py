@@ -8,7 +8,7 @@ Parameters are declared fp32 (shapes only, on the meta device); the load decides
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,17 +39,33 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
 
 
-def attention_fn(q, k, v, mask: torch.Tensor) -> torch.Tensor:
-    """SAT's attention_fn_default: SDPA for full/causal masks, else its masked formula."""
+MaskKind = Literal["full", "causal", "general"]
+
+
+def mask_kind(mask: torch.Tensor) -> MaskKind:
+    """Which of SAT's attention paths `mask` takes: "full" (every entry > 0: SDPA, the mask unused),
+    "causal" (square and exactly the ones' lower triangle: causal SDPA) or "general" (the masked
+    formula). Reading the answer syncs with the device once, so the transformer decides it once per
+    forward (every layer gets the same mask) rather than in every layer's attention."""
+    checks = [(mask > 0).all()]
+    if mask.shape[-1] == mask.shape[-2]:
+        checks.append((mask == torch.ones_like(mask, dtype=torch.float).tril()).all())
+    flags = torch.stack(checks).tolist()  # one device -> host read for both checks
+    if flags[0]:
+        return "full"
+    return "causal" if len(flags) > 1 and flags[1] else "general"
+
+
+def attention_fn(q, k, v, mask: torch.Tensor, kind: Optional[MaskKind] = None) -> torch.Tensor:
+    """SAT's attention_fn_default: SDPA for full/causal masks, else its masked formula. `kind`:
+    `mask_kind(mask)`, decided by the caller once for all layers (None: decided here)."""
     if k.shape[1] != q.shape[1]:  # grouped-query: expand kv heads to query heads
         rep = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
-    full = bool((mask > 0).all())
-    causal = mask.shape[-1] == mask.shape[-2] and bool(
-        (mask == torch.ones_like(mask, dtype=torch.float).tril()).all())
-    if full or causal:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=not full)
+    kind = mask_kind(mask) if kind is None else kind
+    if kind != "general":
+        return F.scaled_dot_product_attention(q, k, v, is_causal=kind == "causal")
     scores = torch.matmul(q / math.sqrt(q.shape[-1]), k.transpose(-1, -2))
     scores = torch.mul(scores, mask) - 10000.0 * (1.0 - mask)
     return torch.matmul(F.softmax(scores, dim=-1), v)
@@ -71,13 +87,13 @@ class SelfAttention(nn.Module):
         self.query_key_value = ColumnParallelLinear(cfg.hidden_size, out, tp, cfg.use_bias or cfg.use_qkv_bias, blocks)
         self.dense = RowParallelLinear(inner, cfg.hidden_size, tp, cfg.use_bias)
 
-    def forward(self, x, mask, position_ids, rotary: Optional[RotaryEmbedding]):
+    def forward(self, x, mask, position_ids, rotary: Optional[RotaryEmbedding], kind: Optional[MaskKind] = None):
         b, s, _ = x.shape
         q, k, v = self.query_key_value(x).split(self.split_sizes, dim=-1)
         q, k, v = (t.view(b, s, -1, self.head_dim).permute(0, 2, 1, 3) for t in (q, k, v))
         if rotary is not None:
             q, k = rotary(q, k, position_ids)
-        ctx = attention_fn(q, k, v, mask).permute(0, 2, 1, 3).reshape(b, s, -1)
+        ctx = attention_fn(q, k, v, mask, kind).permute(0, 2, 1, 3).reshape(b, s, -1)
         return self.dense(ctx)
 
 
@@ -115,9 +131,9 @@ class TransformerLayer(nn.Module):
             self.fourth_layernorm = _layernorm(cfg)
         self.mlp = MLP(cfg, tp)
 
-    def forward(self, x, mask, position_ids, rotary):
+    def forward(self, x, mask, position_ids, rotary, kind: Optional[MaskKind] = None):
         attn_in = self.input_layernorm(x)
-        attn_out = self.attention(attn_in, mask, position_ids, rotary)
+        attn_out = self.attention(attn_in, mask, position_ids, rotary, kind)
         if self.order == "sandwich":
             attn_out = self.third_layernorm(attn_out)
         if self.order == "post":  # SAT's post order: residual from the normalised input
@@ -157,8 +173,9 @@ class Transformer(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones(1, 1, device=x.device)
         mask = attention_mask.to(x.dtype)
+        kind = mask_kind(mask)  # once per forward: each layer deciding it was two host syncs per layer
         for layer in self.layers:
-            x = layer(x, mask, position_ids, rotary)
+            x = layer(x, mask, position_ids, rotary, kind)
         if self.cfg.use_final_layernorm:
             x = self.final_layernorm(x)
         logits = F.linear(x, self.word_embeddings.weight)
