@@ -4,10 +4,12 @@ PY       ?= python3
 VENV     := .venv
 STAMP    := $(VENV)/.installed
 # Pins: requirements.txt (runtime; setup.py and docker/Dockerfile read it too) and requirements-test.txt.
-# deepspeed's ops are JIT-only here; torch is pinned in the same command so no CUDA wheel is pulled.
+# deepspeed's ops are JIT-only (DS_BUILD_OPS=0); torch is pinned in the same command, so deepspeed cannot pull
+# another torch. torch==2.13.0 from PyPI is the CUDA build on Linux x86-64 (what `make gpu-check` needs);
+# a machine whose pip serves a +cpu wheel (this dev machine's) gets CPU torch.
 REQS     := requirements.txt requirements-test.txt
 
-.PHONY: venv demo test bench bench-gpu soak fuzz clean sat-ref-venv
+.PHONY: venv demo test bench bench-gpu gpu-check soak fuzz clean sat-ref-venv
 venv: $(STAMP)
 
 $(STAMP): setup.py Makefile $(REQS)
@@ -45,6 +47,14 @@ bench-gpu: $(STAMP)
 	if test $$n -ge 2; then for x in off on; do \
 	  $(VENV)/bin/sat-dist bench $$(sed -n 1p .cache/bench/paths) --world 2 --tp 1 --methods limit sat_dist \
 	    load.exchange=$$x $(BENCH_ARGS) --json .cache/bench/gpu_dp2_$$x.json || exit 1; done; fi
+
+# gpu-check : on a machine with 1-8 GPUs (tests/gpu_check.py), in <= 8 minutes: one table of CHECK | PASS/FAIL/SKIP |
+# detail rows (env, GPU digests == CPU digests, TP=2 forward, exchange, bounded exits, a named OOM, bench-gpu, the
+# CogVideoX engine in bf16); exits 1 if a row FAILs, 2 with no GPU. GPU_CHECK_ARGS: --cpu (the same rows on CPU + gloo),
+# --only NAME, --keep (keep the temp folder and every command's log).
+GPU_CHECK_ARGS ?=
+gpu-check: $(STAMP)
+	$(VENV)/bin/python tests/gpu_check.py $(GPU_CHECK_ARGS)
 
 # lint-imports: the dependency contracts in .importlinter (layers point one way, no cycles).
 test: $(STAMP)

@@ -160,7 +160,8 @@ def cmd_load(args: argparse.Namespace, checkpoint: Optional[str]) -> int:
     model, report = loader.load_model(
         checkpoint, args.config, tp=args.tp, dtype=args.dtype, device=args.device, report=args.report,
         overrides=args.overrides, tag=args.tag, timeout_s=args.timeout_s, return_report=True,
-        runtime_timeout_s=getattr(args, "runtime_timeout_s", None), weights=getattr(args, "weights", None), exchange=args.exchange, digest=args.digest,
+        runtime_timeout_s=getattr(args, "runtime_timeout_s", None), weights=getattr(args, "weights", None),
+        exchange=args.exchange, digest=args.digest,
         progress=False if args.quiet else None, verify=getattr(args, "verify", None),
     )
     import torch.distributed as dist

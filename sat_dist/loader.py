@@ -67,8 +67,8 @@ def load_model(
     cfg = rt = None
     try:
         cfg = resolve(checkpoint, files, overrides, tp=tp, dtype=dtype, device=device, report=report,
-                      tag=tag, timeout_s=timeout_s, runtime_timeout_s=runtime_timeout_s, weights=weights, digest=digest, exchange=exchange,
-                      progress=progress, verify=verify)
+                      tag=tag, timeout_s=timeout_s, runtime_timeout_s=runtime_timeout_s, weights=weights, digest=digest,
+                      exchange=exchange, progress=progress, verify=verify)
         if not cfg.checkpoint:
             raise ConfigError("no checkpoint given: pass a path (or load.checkpoint in a config)")
         rt = C.setup(detect_launch(timeout_s=cfg.timeout_s), cfg.tp, cfg.device, cfg.timeout_s,

@@ -109,15 +109,17 @@ def setup_problems(got: list[dict]) -> dict[int, str]:
             out[g["rank"]] = (f"ConfigError: started with --tp {g['tp']} where rank 0 has --tp {ref['tp']}: "
                               f"start every rank (every node) with the same --tp")
         elif g["cfg_parallel"] != ref["cfg_parallel"]:
-            out[g["rank"]] = (f"ConfigError: CFG parallel {'on' if g['cfg_parallel'] else 'off'} where rank 0 has it "
-                              f"{'on' if ref['cfg_parallel'] else 'off'}: start every rank with the same --no-cfg-parallel")
+            mine, rank0 = ("on" if x["cfg_parallel"] else "off" for x in (g, ref))
+            out[g["rank"]] = (f"ConfigError: CFG parallel {mine} where rank 0 has it {rank0}: start every rank "
+                              f"with the same --no-cfg-parallel")
     devs = [g for g in got if g["device"] is not None]
     types = {g["device"]["type"] for g in devs}
     if len(types) > 1:
         for g in devs:
             if g["device"]["type"] != "cuda":
-                out.setdefault(g["rank"], f"ConfigError: runs on {g['device']['device']} while other ranks use CUDA "
-                                          f"(NCCL needs a GPU on every rank): give every rank a GPU, or --device cpu on all")
+                out.setdefault(g["rank"], f"ConfigError: runs on {g['device']['device']} while other ranks use "
+                                          f"CUDA (NCCL needs a GPU on every rank): give every rank a GPU, or "
+                                          f"--device cpu on all")
     seen: dict[tuple, list[int]] = {}
     for g in devs:
         if g["device"]["uuid"]:

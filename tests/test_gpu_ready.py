@@ -301,3 +301,42 @@ def test_a_second_load_reuses_the_groups_and_shutdown_destroys_them(ckpt):
         assert after == groups and shared  # no new communicators for the same mesh
         assert same  # the first model still runs its TP forward
         assert not alive
+
+
+# --- make bench-gpu fails when sat_dist's load failed ---------------------------------------------
+
+@pytest.mark.parametrize("failed", [False, True])
+def test_bench_exits_nonzero_when_a_method_failed_on_a_rank(monkeypatch, tmp_path, failed):
+    import argparse
+
+    from sat_dist import bench
+
+    def fake(*a, **k):
+        res = bench.BenchResult("ckpt", [], 0, 2, 1)
+        res.methods = [bench.MethodResult("limit", skipped="needs a file"),
+                       bench.MethodResult("sat_dist", skipped="failed on rank 1: OutOfMemoryError: ..." if failed
+                                          else "needs CUDA", failed=failed)]
+        return res
+    monkeypatch.setattr(bench, "run_bench", fake)
+    args = argparse.Namespace(methods=None, checkpoint="ckpt", world=2, tp=1, cold=False, repeat=1, config=[],
+                              overrides=[], json=str(tmp_path / "b.json"))
+    assert bench.cmd_bench(args) == (1 if failed else 0)
+    assert json.load(open(tmp_path / "b.json"))["methods"][1]["failed"] is failed
+
+
+# --- make gpu-check ------------------------------------------------------------------------------
+
+def test_gpu_check_runs_its_rows_on_cpu_and_refuses_without_a_gpu():
+    """The script itself stays runnable: one row in --cpu mode, and without --cpu on a machine with
+    no GPU one FAIL row and exit code 2 (the full --cpu table: `make gpu-check GPU_CHECK_ARGS=--cpu`)."""
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "gpu_check.py")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    cpu = subprocess.run([sys.executable, script, "--cpu", "--only", "env"], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert cpu.returncode == 0, cpu.stdout + cpu.stderr
+    assert any(line.startswith("env") and "| PASS |" in line for line in cpu.stdout.splitlines())
+    gpu = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=60, env=env)
+    assert gpu.returncode == 2 and "no GPU visible" in gpu.stdout + gpu.stderr

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Sequence
@@ -41,6 +42,7 @@ class MethodResult:
     method: str
     rounds: list = field(default_factory=list)  # per round: list of per-rank Samples (as dicts)
     skipped: Optional[str] = None
+    failed: bool = False  # a rank raised: shown like a skip, but `sat-dist bench` then exits 1
 
     def seconds(self) -> float:
         return statistics.median(max(s["seconds"] for s in r) for r in self.rounds)
@@ -224,7 +226,7 @@ def run_bench(ckpt: str, world: int, tp: int, cold: bool = False, repeat: int = 
             out = fork_ranks(world, (res.method, ckpt, world, tp, list(configs), list(overrides)), timeout_s)
             bad = [(r, err) for r, (_, err) in enumerate(out) if err]
             if bad:
-                res.skipped = f"failed on rank {bad[0][0]}: {bad[0][1]}"
+                res.skipped, res.failed = f"failed on rank {bad[0][0]}: {bad[0][1]}", True
                 continue
             skipped = next((v["skipped"] for v, _ in out if "skipped" in v), None)
             if skipped:
@@ -243,6 +245,10 @@ def cmd_bench(args) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result.to_dict(), f, indent=2)
+    failed = [m.method for m in result.methods if m.failed]
+    if failed:  # `make bench-gpu` must not pass when sat_dist's GPU load failed
+        print(f"sat-dist bench: {', '.join(failed)} failed (see the table)", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
