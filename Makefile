@@ -5,7 +5,7 @@ VENV     := .venv
 STAMP    := $(VENV)/.installed
 # Pins: requirements.txt (runtime; setup.py and docker/Dockerfile read it too) and requirements-test.txt.
 # deepspeed's ops are JIT-only (DS_BUILD_OPS=0); torch is pinned in the same command, so deepspeed cannot pull
-# another torch. torch==2.13.0 from PyPI is the CUDA build on Linux x86-64 (what `make gpu-check` needs);
+# another torch. The pinned torch from PyPI is the CUDA build on Linux x86-64 (what `make gpu-check` needs);
 # a machine whose pip serves a +cpu wheel (this dev machine's) gets CPU torch.
 REQS     := requirements.txt requirements-test.txt
 
@@ -95,3 +95,12 @@ sat-ref-venv:
 
 clean:
 	rm -rf $(VENV) .venv-* .cache
+
+# replicas : header-exact, real-size sparse replicas of every CogVideoX release component (sat_dist/testing/replica.py):
+# the five DiTs in the diffusers and SAT layouts, the T5-XXL encoder and the VAE, in $(REPLICA_DIR)/<component>[-sat]/
+# (~107 GB apparent, a few MiB of disk: the data are holes). REPLICA_ARGS: e.g. --fill random (real bytes, to time I/O).
+REPLICA_DIR  ?= /tmp/sat_dist_replicas
+REPLICA_ARGS ?=
+.PHONY: replicas
+replicas: $(STAMP)
+	$(VENV)/bin/python -m sat_dist.testing.replica $(REPLICA_DIR) --component all --layout both $(REPLICA_ARGS)

@@ -27,6 +27,7 @@ class Sample:
     rss_growth: int
     io_read: int  # /proc/self/io read_bytes delta
     cpu_seconds: float = 0.0  # user + system CPU of the rank's process (all threads): cost without contention
+    rendezvous_seconds: float = 0.0  # sat_dist: joining the group and creating its groups, timed apart from the load
 
 
 # --- measuring a rank --------------------------------------------------------------------------------
@@ -189,27 +190,40 @@ RANK_METHODS = {"limit": _limit, "sat_style": _sat_style, "mmap": _mmap,
 
 
 def run_rank(rank: int, method: str, ckpt: str, world: int, tp: int, configs, overrides) -> dict:
-    """One forked rank: prepare (untimed), run `method`, measure. Threads per rank: the cores / world."""
+    """One rank, in a fresh (spawned) process: run `method`, measure. The other methods get their
+    plan prepared untimed; sat_dist's timed load is the first time its load path runs in the process
+    (as in a user's `torchrun ... sat_dist load`), with the rendezvous timed on its own. Threads per
+    rank: the cores / world."""
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    cfg, specs, prefix, plan = prepare(rank, ckpt, tp, configs, overrides)
-    kept_bytes = sum(t.stored_nbytes for t in plan.targets.values())
-    base, io0, cpu0 = _rss_now(), _io_read(), _cpu()
     if method == "sat_dist":
         from .. import collectives as C
+        from ..config import resolve
         from ..launch import detect_launch
         from ..loader import load_with_runtime
 
-        cfg.progress = False
-        rt = C.setup(detect_launch(timeout_s=cfg.timeout_s), tp, cfg.device, cfg.timeout_s)
+        base, io0, cpu0 = _rss_now(), _io_read(), _cpu()
         t0 = time.perf_counter()
+        cfg = resolve(ckpt, list(configs), list(overrides), tp=tp)  # timed: part of what a load does
+        cfg.progress = False
+        r0 = time.perf_counter()
+        rt = C.setup(detect_launch(timeout_s=cfg.timeout_s), tp, cfg.device, cfg.timeout_s)
+        rendezvous = time.perf_counter() - r0  # its own column: the limit has no group to join
         try:
-            _, rep = load_with_runtime(rt, cfg)
-            seconds = time.perf_counter() - t0
+            model, rep = load_with_runtime(rt, cfg)
+            seconds = time.perf_counter() - t0 - rendezvous
+            kept_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+            del model
         finally:
             C.teardown(rt)
         mine = rep.ranks[rank]
         read, received = mine.bytes_read, mine.bytes_received
-    elif method == "h2d":
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return asdict(Sample(seconds, read, received, kept_bytes, peak, max(0, peak - base), _io_read() - io0,
+                             _cpu() - cpu0, round(rendezvous, 4)))
+    cfg, specs, prefix, plan = prepare(rank, ckpt, tp, configs, overrides)
+    kept_bytes = sum(t.stored_nbytes for t in plan.targets.values())
+    base, io0, cpu0 = _rss_now(), _io_read(), _cpu()
+    if method == "h2d":
         seconds, read, received = _h2d(rank, kept_bytes), 0, 0
     else:
         t0 = time.perf_counter()

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Optional, Sequence
 
@@ -17,6 +18,8 @@ from omegaconf import OmegaConf
 
 from .. import formats
 from ..config import LoadConfig, build_model_config, resolve
+from ..errors import SatDistError
+from ..models import TPInfo, build_meta_model, collect_specs
 from ..models.family import Latent
 from .sat_layout import t5_source, vae_source
 
@@ -57,3 +60,23 @@ def sample_latent(dit: Any, latent: Optional[Latent]) -> Optional[Latent]:
     if latent is not None or not a.v1:
         return latent
     return a.grid[0], a.grid[1] * a.patch[1], a.grid[2] * a.patch[2]
+
+
+_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def rank_weights(cfg: LoadConfig) -> tuple[int, Optional[int]]:
+    """(elements, bytes) of one component's weights on its largest TP rank, from the model config on the
+    meta device (nothing allocated, no tensor read): what `sample --dry-run` shows. Bytes in `cfg.dtype`,
+    else the stored dtype when the checkpoint's headers name one; None when neither says."""
+    specs = collect_specs(build_meta_model(cfg.model, TPInfo(1, 0, None)))
+    elements = max(sum(math.prod(s.placement(cfg.tp, r).local_shape(s.global_shape)) for s in specs.values())
+                   for r in range(cfg.tp))
+    if cfg.torch_dtype is not None:
+        return elements, elements * cfg.torch_dtype.itemsize
+    try:
+        stored = formats.describe(cfg.checkpoint).get("dtypes") or []
+    except SatDistError:
+        stored = []
+    sizes = {_ITEMSIZE.get(str(d)) for d in stored}
+    return elements, (elements * sizes.pop() if len(sizes) == 1 and None not in sizes else None)

@@ -4,18 +4,21 @@
     torchrun --nproc_per_node=8 -m sat_dist sample --model CogVideoX-5b/ --tp 4 --prompts prompts.txt --out-dir videos/
     torchrun --nproc_per_node=4 -m sat_dist sample --config configs/cogvideox_5b_i2v.yaml --tp 4 --image first.png --prompt "..."
 
-Every rank runs the same command. Rank 0 prints the load table and progress (tqdm); each work group's
-leader writes its videos at the release's fps; `--report` gets the JSON run report (rank 0).
+Every rank runs the same command. Every argument is checked against the model before anything is loaded
+(engine/check.py); `--dry-run` stops there and prints the resolved run. Rank 0 prints the load table and
+progress (tqdm); each work group's leader writes its videos at the release's fps; `--report` gets the JSON
+run report (rank 0).
 """
 from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from typing import Optional
 
-from ..errors import ConfigError
+from . import check
+from .check import SampleRun
+from .layout import check_pipeline_folder, components_for
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,12 +40,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale (default 6)")
     p.add_argument("--dynamic-cfg", choices=["auto", "on", "off"], default="auto",
                    help="the pipelines' dynamic guidance schedule (auto: on with the DPM scheduler)")
-    p.add_argument("--frames", type=int, default=None, help="frames (default: the model's, 49 / 81)")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--frames", type=int, default=None,
+                   help="frames, 8N + 1 (default: the model's, 49 / 81)")
+    p.add_argument("--height", type=int, default=None,
+                   help="1.0 models: only their configured size (480x720); 1.5: a multiple of 16 (default 768)")
+    p.add_argument("--width", type=int, default=None, help="as --height (1.5 default 1360)")
     p.add_argument("--no-cfg-parallel", action="store_true",
                    help="with 2 x tp ranks or more, do not pair DP replicas for the two CFG passes")
     p.add_argument("--report", default=None, metavar="PATH", help="write the JSON run report here (rank 0)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check every argument against the model, print the resolved run (components, sizes, "
+                        "per-rank weights, outputs) and load nothing")
     p.add_argument("--timeout", type=float, default=None, dest="timeout_s",
                    help="seconds before a missing peer fails the load (default 300)")
     p.add_argument("--runtime-timeout", type=float, default=None, dest="runtime_timeout_s",
@@ -50,42 +58,56 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "while another renders (default 7200)")
 
 
-def _prompts(args: argparse.Namespace) -> list[str]:
-    if args.prompt is not None:
-        return [args.prompt]
-    try:
-        with open(args.prompts) as f:
-            lines = [line.strip() for line in f]
-    except OSError as exc:
-        raise ConfigError(f"--prompts {args.prompts}: {exc}") from exc
-    prompts = [line for line in lines if line]
-    if not prompts:
-        raise ConfigError(f"--prompts {args.prompts} holds no prompt")
-    return prompts
+def resolve(args: argparse.Namespace) -> SampleRun:
+    """Every argument checked against the model, in seconds, before any component is loaded (at real
+    size a load takes minutes): the prompts file, the --model folder, each component's config, the
+    sizes, steps and image (engine/check.py), the TP split, and the output folder(s) writable."""
+    prompts = check.read_prompts(args.prompt, args.prompts)
+    if args.model is not None:
+        check_pipeline_folder(args.model)
+    common = {"tp": args.tp, "dtype": args.dtype, "device": args.device, "timeout_s": args.timeout_s,
+              "runtime_timeout_s": args.runtime_timeout_s}
+    parts = components_for(args.model or args.config, common)
+    dynamic = {"auto": None, "on": True, "off": False}[args.dynamic_cfg]
+    spec = check.sample_run(parts, image=args.image, num_frames=args.frames, height=args.height, width=args.width,
+                            num_steps=args.steps, guidance_scale=args.guidance, use_dynamic_cfg=dynamic, cli=True)
+    check.check_tp(parts)
+    single = args.prompt is not None
+    spec.prompts = prompts
+    spec.outputs = [args.out] if single else [os.path.join(args.out_dir, check.video_name(i, p))
+                                              for i, p in enumerate(prompts)]
+    check.check_outputs(spec.outputs, None if single else args.out_dir, create=not args.dry_run)
+    return spec
 
 
-def _name(i: int, prompt: str) -> str:
-    words = "_".join(re.findall(r"[A-Za-z0-9]+", prompt)[:6]).lower() or "video"
-    return f"{i:03d}_{words}.mp4"
+def dry_run(args: argparse.Namespace, run: SampleRun) -> int:
+    """`--dry-run`: print the resolved run (rank 0 under a launcher) and load nothing."""
+    from ..launch import rank_and_world
+    from .capacity import rank_weights
+
+    if rank_and_world()[0] <= 0:
+        weights = {name: rank_weights(cfg) for name, cfg in run.components.models.items()}
+        print(run.summary(weights, args.dtype, args.device), flush=True)
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     from .. import loader
     from .engine import load_engine
 
-    prompts = _prompts(args)
-    if args.steps < 1:
-        raise ConfigError(f"--steps must be >= 1, got {args.steps}")
+    spec = resolve(args)
+    if args.dry_run:
+        return dry_run(args, spec)
     engine = load_engine(args.model or args.config, tp=args.tp, dtype=args.dtype, device=args.device,
                          timeout_s=args.timeout_s, runtime_timeout_s=args.runtime_timeout_s,
                          cfg_parallel=not args.no_cfg_parallel)
     rank = engine.rt.rank
     if rank == 0:
         print(engine.report.table(), flush=True)
-    single = args.prompt is not None
+    single, prompts = args.prompt is not None, spec.prompts
 
     def out(i: int) -> Optional[str]:
-        return args.out if single else os.path.join(args.out_dir, _name(i, prompts[i]))
+        return spec.outputs[i]  # checked writable by `resolve`
 
     dynamic = {"auto": None, "on": True, "off": False}[args.dynamic_cfg]
     kwargs = dict(negative_prompt=args.negative_prompt, num_steps=args.steps, seed=args.seed,
@@ -96,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         done = [(0, frames)] if rank == 0 else []
     else:
         done = engine.sample_many(prompts, out=out, **kwargs)
-    for i, frames in done:
+    for i, frames in done:  # write_mp4 raised if a file was not written whole: each line is a real file
         sys.stdout.write(f"[rank {rank}] wrote {out(i)}: {frames.shape[0]} frames {frames.shape[1]}x"
                          f"{frames.shape[2]} at {engine.parts.fps} fps\n")
     sys.stdout.flush()

@@ -12,6 +12,7 @@ frames); `sample_many` deals prompts out to the groups.
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -23,13 +24,13 @@ from ..errors import ConfigError
 from ..launch import detect_launch
 from ..loader import keep_runtime, load_components
 from ..pause import pause_point
-from . import sat_sampler, video
+from . import check, sat_sampler, video
 from .layout import Components, components_for
 from .report import EngineReport, RunRecord, max_reserved_bytes, peak_device_bytes
 from .sampler import Conditioning, Guidance, denoise, initial_noise, make_scheduler
 from .text import encode_prompt, load_tokenizer
 
-V15_DEFAULT = (81, 768, 1360)  # CogVideoX1.5's frames, height, width (CogVideo inference/cli_demo.py)
+V15_DEFAULT = check.V15_DEFAULT  # CogVideoX1.5's frames, height, width (CogVideo inference/cli_demo.py)
 
 
 class Engine:
@@ -55,11 +56,8 @@ class Engine:
 
     def default_size(self) -> tuple[int, int, int]:
         """(frames, height, width): the SAT YAML's args.sampling_num_frames / sampling_image_size when
-        set; else the 1.0 DiT's configured size, or CogVideoX1.5's recommended one."""
-        a, dcfg = self.dit.arch, self.parts.models["transformer"].model
-        f, h, w = (dcfg.num_frames, dcfg.latent_height * self.spatial, dcfg.latent_width * self.spatial) if a.v1 \
-            else V15_DEFAULT
-        return self.parts.extra.get("num_frames", f), *self.parts.extra.get("size", (h, w))
+        set; else the 1.0 DiT's configured size, or CogVideoX1.5's recommended one (engine/check.py)."""
+        return check.default_size(self.parts)
 
     # -- sampling ----------------------------------------------------------------------------------
 
@@ -92,25 +90,19 @@ class Engine:
         computes it (guidance 6; `use_dynamic_cfg` None: on with the DPM scheduler, as CogVideo's
         inference/cli_demo.py runs the 5B models). SAT layout: CogVideo's own sampler as the YAML
         configures it (engine/sat_sampler.py; guidance and dynamic CFG from the guider unless given).
-        `on_step(i, t, latents)` sees every step's latents."""
-        if self.parts.i2v and image is None:
-            raise ConfigError("this is an image-to-video model: pass image= (a path, PIL image or tensor)")
-        if image is not None and not self.parts.i2v:
-            raise ConfigError("image= given, but this is a text-to-video model")
-        f0, h0, w0 = self.default_size()
-        num_frames, height, width = num_frames or f0, height or h0, width or w0
-        if height % 8 or width % 8:
-            raise ConfigError(f"height and width must be multiples of 8, got {height}x{width}")
+        `on_step(i, t, latents)` sees every step's latents. Every argument is checked before any work
+        (engine/check.py: sizes against the model, steps, image, the output folder)."""
+        spec = check.sample_run(self.parts, image=image, num_frames=num_frames, height=height, width=width,
+                                num_steps=num_steps, guidance_scale=guidance_scale, use_dynamic_cfg=use_dynamic_cfg)
+        if out and decode and self.leader:
+            check.check_writable(os.path.dirname(os.path.abspath(out)), f"out={out!r}")
+        num_frames, height, width = spec.frames, spec.height, spec.width
+        guidance_scale, dynamic = spec.guidance, spec.dynamic_cfg
         sat, sched = self.parts.layout == "sat", self.parts.scheduler
-        if sat:
-            sched = {**sched, "scale": sched["scale"] if guidance_scale is None else guidance_scale}
-            if use_dynamic_cfg is not None:
-                sched["guider"] = "DynamicCFG" if use_dynamic_cfg else "VanillaCFG"
-            guidance_scale, dynamic = sched["scale"], sched["guider"] == "DynamicCFG"
+        if sat:  # CogVideo's guider as resolved (the YAML's unless given)
+            sched = {**sched, "scale": guidance_scale, "guider": "DynamicCFG" if dynamic else "VanillaCFG"}
         else:
             sched = make_scheduler(sched)
-            guidance_scale = 6.0 if guidance_scale is None else guidance_scale
-            dynamic = type(sched).__name__ == "CogVideoXDPMScheduler" if use_dynamic_cfg is None else use_dynamic_cfg
         rec = RunRecord(prompt, seed, num_steps, num_frames, height, width, guidance_scale, dynamic,
                         self.pair_group is not None, self.rt.rank, out=out)
         dev, cfg_on = self.rt.device, guidance_scale > 1.0

@@ -24,6 +24,7 @@ I2V_PIPELINE = "CogVideoXImageToVideoPipeline"
 PIPELINES = ("CogVideoXPipeline", I2V_PIPELINE)
 SCHEDULERS = ("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler")
 FOLDERS = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")
+YAML_SUFFIXES = (".yaml", ".yml")
 
 
 @dataclass
@@ -44,6 +45,23 @@ class Components:
 def is_diffusers_pipeline(path: str) -> bool:
     return os.path.isdir(path) and (os.path.isfile(os.path.join(path, "model_index.json")) or all(
         os.path.isdir(os.path.join(path, d)) for d in FOLDERS))
+
+
+def _not_a_pipeline(path: str, why: str) -> CheckpointError:
+    return CheckpointError(f"no CogVideoX pipeline folder at {path}: {why} (a diffusers CogVideoX pipeline folder, "
+                           f"as CogVideoXPipeline.save_pretrained writes it, holds model_index.json and "
+                           f"{', '.join(d + '/' for d in FOLDERS)}; CogVideo's SAT YAMLs go to --config)")
+
+
+def check_pipeline_folder(path: str) -> None:
+    """`--model PATH` must be a pipeline folder: say what was expected there, not what the YAML path
+    (the fallback for other paths) would say about it."""
+    if not os.path.exists(path):
+        raise _not_a_pipeline(path, "no such file or folder")
+    if not os.path.isdir(path):
+        raise _not_a_pipeline(path, "it is a file")
+    if not is_diffusers_pipeline(path):
+        raise _not_a_pipeline(path, "model_index.json missing")
 
 
 def vae_model_config(folder: str) -> dict:
@@ -80,8 +98,7 @@ def diffusers_components(root: str, common: dict[str, Any]) -> Components:
     timeout_s, staging_mib for every model."""
     missing = [d for d in FOLDERS if not os.path.isdir(os.path.join(root, d))]
     if missing:
-        raise CheckpointError(f"{root}: a diffusers CogVideoX pipeline folder needs {list(FOLDERS)}; missing "
-                              f"{missing}")
+        raise _not_a_pipeline(root, f"missing subfolder(s) {missing}")
     index_path = os.path.join(root, "model_index.json")
     index = read_json_object(index_path, "the pipeline index") if os.path.isfile(index_path) else {}
     if index and index.get("_class_name") not in PIPELINES:
@@ -107,11 +124,10 @@ def diffusers_components(root: str, common: dict[str, Any]) -> Components:
 def components_for(path_or_config, common: dict[str, Any]) -> Components:
     """The release layout `path_or_config` names: a diffusers pipeline folder, or CogVideo's SAT
     YAML file(s) (`sat_layout`)."""
-    if isinstance(path_or_config, str) and os.path.isdir(path_or_config):
-        if is_diffusers_pipeline(path_or_config):
-            return diffusers_components(path_or_config, common)
-        raise CheckpointError(f"{path_or_config}: not a diffusers CogVideoX pipeline folder (no model_index.json, "
-                              f"no {'/'.join(FOLDERS)} subfolders); pass it, or CogVideo's SAT YAML file(s)")
+    if isinstance(path_or_config, str) and (os.path.isdir(path_or_config) or not (
+            os.path.exists(path_or_config) or path_or_config.endswith(YAML_SUFFIXES))):
+        check_pipeline_folder(path_or_config)  # a folder, or a missing path that names no YAML
+        return diffusers_components(path_or_config, common)
     from .sat_layout import sat_components
 
     files = [path_or_config] if isinstance(path_or_config, str) else list(path_or_config)

@@ -8,7 +8,10 @@ uint8 frames). The VAE decodes with diffusers' tiling and slicing on (`enable_ti
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import struct
+import uuid
 from typing import Any, Optional
 
 import numpy as np
@@ -94,14 +97,58 @@ def decode(vae: nn.Module, latents: torch.Tensor) -> np.ndarray:
 
 
 def write_mp4(frames: np.ndarray, path: str, fps: int) -> str:
-    """[F, H, W, 3] frames in [0, 1] -> an H.264 mp4 at `fps` (imageio-ffmpeg ships its ffmpeg binary)."""
+    """[F, H, W, 3] frames in [0, 1] -> an H.264 mp4 at `fps` (imageio-ffmpeg ships its ffmpeg binary).
+
+    Written to a temporary name in the same folder, then renamed onto `path`, so `path` is a whole mp4
+    or untouched. imageio does not report an ffmpeg that failed to open or finish its output (it
+    prints ffmpeg's error and returns), so the file is checked to be complete before the rename; any
+    failure is a ConfigError naming `path`, and the temporary file is removed."""
     try:
         import imageio
     except ImportError as exc:
         raise ConfigError("writing mp4 needs imageio and imageio-ffmpeg (pip install imageio imageio-ffmpeg)") from exc
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}.mp4")
     data = (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
-    with imageio.get_writer(path, fps=fps, codec="libx264", quality=8, macro_block_size=1) as writer:
-        for frame in data:
-            writer.append_data(frame)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with imageio.get_writer(tmp, format="FFMPEG", fps=fps, codec="libx264", quality=8,
+                                macro_block_size=1) as writer:
+            for frame in data:
+                writer.append_data(frame)
+        _check_mp4(tmp)
+        os.replace(tmp, path)
+    except (OSError, ConfigError) as exc:  # imageio's IOError from a broken ffmpeg pipe is an OSError
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise ConfigError(f"could not write {path}: {exc}") from exc
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
     return path
+
+
+def _check_mp4(path: str) -> None:
+    """The file is an mp4 ffmpeg finished: its top-level boxes tile the file exactly and hold `ftyp`,
+    `mdat` and `moov` (the index ffmpeg writes last, when it closes the file)."""
+    if not os.path.isfile(path):
+        raise ConfigError("ffmpeg wrote no file (its error is above)")
+    size, pos, seen = os.path.getsize(path), 0, set()
+    with open(path, "rb") as f:
+        while pos < size:
+            f.seek(pos)
+            head = f.read(16)
+            if len(head) < 8:
+                break
+            n, kind = struct.unpack(">I4s", head[:8])
+            if n == 1 and len(head) == 16:
+                n = struct.unpack(">Q", head[8:16])[0]
+            elif n == 0:
+                n = size - pos
+            if n < 8:
+                break
+            seen.add(kind)
+            pos += n
+    if pos != size or not {b"ftyp", b"mdat", b"moov"} <= seen:
+        raise ConfigError(f"ffmpeg left an incomplete mp4 ({size} bytes; its error is above)")
