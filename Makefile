@@ -1,4 +1,5 @@
-# make demo : .venv + a tiny SAT checkpoint loaded by 4 ranks (TP=2 x DP=2) under torchrun
+# make demo : .venv + a tiny SAT checkpoint loaded by 4 ranks (TP=2 x DP=2) under torchrun, then a tiny CogVideoX
+#             pipeline sampled on the same ranks (TP 2 x CFG parallel 2) into demo.mp4
 # make test : .venv + the whole test suite
 PY       ?= python3
 VENV     := .venv

@@ -56,8 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     man.add_argument("checkpoint", help="checkpoint folder (every file under it) or one file")
     man.add_argument("--out", default=None, help="manifest path (default: CHECKPOINT/sat-dist-manifest.json)")
     man.add_argument("--block-mib", type=int, default=4, help="block size in MiB (default 4)")
-    demo = sub.add_parser("demo", help="write a tiny SAT checkpoint (once) and load it")
+    demo = sub.add_parser("demo", help="load a tiny SAT checkpoint, then sample a tiny CogVideoX pipeline to an mp4")
     _add_load_args(demo, checkpoint=False)
+    demo.add_argument("--out", default="demo.mp4", help="the demo video (default demo.mp4)")
+    demo.add_argument("--no-video", action="store_true", help="only the load table")
     sub.add_parser("env", help="print what the launcher told this rank")
     plan = sub.add_parser("plan", help="per-rank bytes and device memory at each TP size, from the config alone")
     plan.add_argument("--config", nargs="+", required=True, metavar="YAML", help="YAML files, merged in order")
@@ -172,12 +174,50 @@ def cmd_load(args: argparse.Namespace, checkpoint: Optional[str]) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import ensure_demo_checkpoint
+    """The load table of a tiny SAT checkpoint, then (unless --no-video) a tiny CogVideoX pipeline
+    sampled across the same ranks — DiT and T5 at --tp, the two CFG passes on two replicas when the
+    world is 2 x tp — into an mp4 (rank 0 writes it and says where)."""
+    from . import loader
+    from .demo import ensure_demo_checkpoint, ensure_demo_pipeline
     from .launch import detect_launch
 
     launch = detect_launch()
     path = ensure_demo_checkpoint(writer=launch.local_rank == 0)
-    return cmd_load(args, path)
+    pipeline = None if args.no_video else ensure_demo_pipeline(writer=launch.local_rank == 0)
+    out = None if args.no_video else _writable_mp4(args.out)  # checked before anything loads
+    _, report = loader.load_model(path, args.config, tp=args.tp, dtype=args.dtype, device=args.device,
+                                  report=args.report, overrides=args.overrides, timeout_s=args.timeout_s,
+                                  return_report=True, exchange=args.exchange, digest=args.digest,
+                                  progress=False if args.quiet else None)
+    rank = launch.rank
+    _print_result(report, rank)
+    if pipeline is not None:
+        from .demo_pipeline import PROMPT
+        from .engine.engine import load_engine
+
+        engine = load_engine(pipeline, tp=args.tp, dtype=args.dtype, device=args.device, timeout_s=args.timeout_s)
+        frames, _ = engine.run(PROMPT, num_steps=4, seed=42, out=out if rank == 0 else None, decode=rank == 0)
+        if rank == 0:
+            how = f"TP {engine.rt.tp}" + (" x CFG parallel 2" if engine.pair_group is not None else "")
+            print(f"[rank 0] sampled \"{PROMPT}\" on {engine.rt.world_size} ranks ({how}), 4 steps: wrote {out}: "
+                  f"{frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]} (random weights: noise-like)",
+                  flush=True)
+        engine.finish()
+    loader.shutdown()
+    return 0
+
+
+def _writable_mp4(path: str) -> str:
+    """The absolute mp4 path, its folder created and writable (refused before any load)."""
+    out = os.path.abspath(path)
+    folder = os.path.dirname(out)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise OSError("not writable")
+    except OSError as exc:
+        raise ConfigError(f"--out {path}: cannot write into {folder} ({exc}); pick another path") from exc
+    return out
 
 
 def cmd_env(_: argparse.Namespace) -> int:

@@ -58,11 +58,19 @@ def test_torchrun_failure_exits_nonzero_on_every_rank_with_same_error(ckpt):
 
 
 def test_demo_under_torchrun(tmp_path):
-    out = torchrun(4, "demo", "--tp", "2", env={"SAT_DIST_CACHE": str(tmp_path)})
+    """`make demo`: the load table, then the tiny pipeline sampled on the same 4 ranks (TP 2 x CFG
+    parallel 2) into an mp4 that decodes to the frames it says."""
+    import imageio.v3 as iio
+
+    video = tmp_path / "out" / "demo.mp4"
+    out = torchrun(4, "demo", "--tp", "2", "--out", str(video), env={"SAT_DIST_CACHE": str(tmp_path)})
     assert out.returncode == 0, out.stderr[-3000:]
     assert "eval mode agreed on 4/4 ranks" in out.stdout
     assert os.path.isfile(tmp_path / "demo-ckpt-v1" / "1" / "mp_rank_00_model_states.pt")
     assert json.load(open(tmp_path / "demo-ckpt-v1" / "model_config.json"))["model_class"] == "BaseModel"
+    assert f"on 4 ranks (TP 2 x CFG parallel 2), 4 steps: wrote {video}: 9 frames 32x48" in out.stdout
+    assert iio.imread(video).shape == (9, 32, 48, 3)
+    assert os.path.isfile(tmp_path / "demo-pipeline-v1" / "model_index.json")
 
 
 def test_console_script_single_process(ckpt):

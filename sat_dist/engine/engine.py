@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from .. import collectives as C
-from ..errors import ConfigError
 from ..launch import detect_launch
 from ..loader import keep_runtime, load_components
 from ..pause import pause_point

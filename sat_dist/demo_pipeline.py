@@ -1,0 +1,75 @@
+"""The demo's tiny CogVideoX pipeline folder, as the releases lay it out, written by diffusers' and
+transformers' own `save_pretrained` from random weights (nothing is downloaded): a 5B-style DiT
+(RoPE, 4 heads so TP 2 and 4 divide them), a T5 encoder, a CogVideoX VAE, the release's DPM
+scheduler and a T5 tokenizer whose sentencepiece model is trained here on a few sentences. The
+video it makes is noise-like (random weights); it shows the path, not a model."""
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import torch
+
+PROMPT = "a red panda eating bamboo by a river"
+_WORDS = [PROMPT, "a cat playing piano in the snow", "waves crash on a rocky beach at sunset",
+          "the quick brown fox jumps over the lazy dog"]
+TEXT_TOKENS = 8
+
+
+def _tokenizer(folder: str) -> None:
+    """spiece.model + tokenizer_config.json, the files the releases ship for their T5 tokenizer."""
+    import sentencepiece as spm
+
+    os.makedirs(folder, exist_ok=True)
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(_WORDS * 10), model_writer=buf, vocab_size=40,
+                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   hard_vocab_limit=False, minloglevel=2)
+    for name in os.listdir(folder):
+        if name.startswith(("tokenizer", "special_tokens", "added_tokens", "spiece")):
+            os.remove(os.path.join(folder, name))
+    with open(os.path.join(folder, "spiece.model"), "wb") as f:
+        f.write(buf.getvalue())
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "T5Tokenizer", "extra_ids": 0, "model_max_length": TEXT_TOKENS}, f)
+
+
+def write_demo_pipeline(root: str, seed: int = 0) -> str:
+    """Write the pipeline folder at `root` (model_index.json and the five component folders)."""
+    import diffusers
+    import transformers
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+    from transformers import AutoTokenizer, T5Config, T5EncoderModel
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    gen = torch.Generator().manual_seed(seed)
+    _tokenizer(os.path.join(root, "tokenizer"))
+    t5 = T5EncoderModel(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                 relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                                 feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False))
+    dit = CogVideoXTransformer3DModel(num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=4,
+                                      time_embed_dim=32, text_embed_dim=32, num_layers=2, sample_width=12,
+                                      sample_height=8, sample_frames=9, patch_size=2,
+                                      max_text_seq_length=TEXT_TOKENS, use_rotary_positional_embeddings=True)
+    with torch.no_grad():  # random weights everywhere (norms near 1), so no path is zero-initialised away
+        for model, scale in ((t5, 0.3), (dit, 0.1)):
+            for name, p in model.named_parameters():
+                noise = torch.randn(p.shape, generator=gen)
+                p.copy_(1 + 0.1 * noise if "norm" in name and name.endswith("weight") else noise * scale)
+    torch.manual_seed(seed)
+    vae = AutoencoderKLCogVideoX(block_out_channels=(8, 8, 16), down_block_types=("CogVideoXDownBlock3D",) * 3,
+                                 up_block_types=("CogVideoXUpBlock3D",) * 3, latent_channels=4, layers_per_block=1,
+                                 norm_num_groups=4, sample_height=32, sample_width=48, scaling_factor=0.7)
+    # THUDM/CogVideoX-5b scheduler/scheduler_config.json
+    sched = CogVideoXDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  clip_sample=False, num_train_timesteps=1000, prediction_type="v_prediction",
+                                  rescale_betas_zero_snr=True, set_alpha_to_one=True, steps_offset=0,
+                                  timestep_spacing="trailing", snr_shift_scale=1.0)
+    tok = AutoTokenizer.from_pretrained(os.path.join(root, "tokenizer"))
+    CogVideoXPipeline(tokenizer=tok, text_encoder=t5.eval(), vae=vae.eval(), transformer=dit.eval(),
+                      scheduler=sched).save_pretrained(root)
+    _tokenizer(os.path.join(root, "tokenizer"))  # as released: spiece.model, no tokenizer.json
+    return root
