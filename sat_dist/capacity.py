@@ -7,6 +7,7 @@ dtype); the activation part is a labelled estimate from the model config when it
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
@@ -65,16 +66,37 @@ class CapacityPlan:
 
 
 def capacity_plan(config_files: Sequence[str], tps: Sequence[int], dtype: Optional[str] = None,
-                  overrides: Sequence[str] = (), batch: int = 2, latent: Optional[Latent] = None) -> CapacityPlan:
-    """Plan every TP size in `tps` for the model the configs describe (see module docstring).
+                  overrides: Sequence[str] = (), batch: int = 2, latent: Optional[Latent] = None,
+                  checkpoint: Optional[str] = None) -> CapacityPlan:
+    """Plan every TP size in `tps` for the model the configs — or the checkpoint (any format a reader
+    recognises; its config and headers, no tensor data) — describe (see module docstring).
 
-    The dtype is `dtype`, else the config's (CogVideo's args.bf16/fp16), else fp32."""
+    The dtype is `dtype`, else the config's (CogVideo's args.bf16/fp16), else the checkpoint's stored
+    dtype, else fp32."""
     if batch < 1:
         raise ConfigError(f"--batch must be >= 1, got {batch}")
     if latent is not None and (len(latent) != 3 or min(latent) < 1):
         raise ConfigError(f"--latent takes three positive sizes T H W, got {list(latent)}")
-    cfg = resolve(None, list(config_files), list(overrides), dtype=dtype)
-    return plan_model(cfg.model, tps, cfg.torch_dtype or torch.float32, batch, latent)
+    if checkpoint and os.path.isfile(os.path.join(checkpoint, "model_index.json")):
+        raise ConfigError(f"{checkpoint} is a CogVideoX pipeline folder: pass --engine for the whole engine, or "
+                          f"one component's folder ({os.path.join(checkpoint, 'transformer')})")
+    cfg = resolve(checkpoint, list(config_files), list(overrides), dtype=dtype)
+    return plan_model(cfg.model, tps, cfg.torch_dtype or stored_dtype(checkpoint) or torch.float32, batch, latent)
+
+
+def stored_dtype(checkpoint: Optional[str]) -> Optional[torch.dtype]:
+    """The one dtype a checkpoint's headers give its tensors (None: no checkpoint, or mixed)."""
+    if not checkpoint:
+        return None
+    from . import formats
+
+    names = {str(d).removeprefix("torch.").lower() for d in formats.describe(checkpoint).get("dtypes") or []}
+    found = {_DTYPES.get(n) for n in names}
+    return found.pop() if len(found) == 1 and None not in found else None
+
+
+_DTYPES = {"f32": torch.float32, "float32": torch.float32, "f16": torch.float16, "float16": torch.float16,
+           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
 def plan_model(model_cfg, tps: Sequence[int], dt: torch.dtype, batch: int = 2,
@@ -160,13 +182,23 @@ class EnginePlan:
 
 
 def engine_plan(config_files: Sequence[str], tps: Sequence[int], dtype: Optional[str] = None,
-                overrides: Sequence[str] = (), batch: int = 2, latent: Optional[Latent] = None) -> EnginePlan:
-    """`sat-dist plan --engine`: per-rank weights and activations of DiT, T5 and VAE at each TP size
-    (engine/capacity.py says where each component's config comes from)."""
+                overrides: Sequence[str] = (), batch: int = 2, latent: Optional[Latent] = None,
+                checkpoint: Optional[str] = None) -> EnginePlan:
+    """`sat-dist plan --engine`: per-rank weights and activations of DiT, T5 and VAE at each TP size,
+    from CogVideo's SAT YAMLs (engine/capacity.py says where each component's config comes from) or
+    from a diffusers pipeline folder `checkpoint` (its components' configs and headers)."""
     from .engine.capacity import engine_configs, sample_latent, t5_activation
 
-    dit, t5, vae, length = engine_configs(config_files, overrides, dtype)
-    dt = dit.torch_dtype or torch.float32
+    if checkpoint:
+        from .engine.layout import components_for
+
+        parts = components_for(checkpoint, {"dtype": dtype})
+        dit, t5, vae = parts.models["transformer"], parts.models["text_encoder"].model, parts.models["vae"].model
+        length = parts.max_text_length or 226
+        dt = dit.torch_dtype or stored_dtype(dit.checkpoint) or torch.float32
+    else:
+        dit, t5, vae, length = engine_configs(config_files, overrides, dtype)
+        dt = dit.torch_dtype or torch.float32
     vae_latent = sample_latent(dit.model, latent)
     plans = {"transformer": plan_model(dit.model, tps, dt, batch, latent), "text_encoder": plan_model(t5, tps, dt),
              "vae": plan_model(vae, tps, dt, 1, vae_latent)}

@@ -61,8 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo.mp4", help="the demo video (default demo.mp4)")
     demo.add_argument("--no-video", action="store_true", help="only the load table")
     sub.add_parser("env", help="print what the launcher told this rank")
-    plan = sub.add_parser("plan", help="per-rank bytes and device memory at each TP size, from the config alone")
-    plan.add_argument("--config", nargs="+", required=True, metavar="YAML", help="YAML files, merged in order")
+    plan = sub.add_parser("plan", help="per-rank bytes and device memory at each TP size, from configs and headers")
+    plan.add_argument("path", nargs="?", default=None,
+                      help="a checkpoint or release folder any reader recognises (its config; no tensor data read); "
+                           "with --engine a CogVideoX pipeline folder")
+    plan.add_argument("--config", nargs="+", default=[], metavar="YAML", help="YAML files, merged in order")
     plan.add_argument("--tp", nargs="+", type=int, default=[1, 2, 4, 8], help="TP sizes to plan (default 1 2 4 8)")
     plan.add_argument("--dtype", default=None, help="fp32|fp16|bf16 (default: the config's, else fp32)")
     plan.add_argument("--batch", type=int, default=2, help="batch for the activation estimate (2: CFG)")
@@ -121,8 +124,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from .capacity import capacity_plan, engine_plan
 
+    if not args.path and not args.config:
+        raise ConfigError("sat-dist plan needs a checkpoint or release folder (PATH) or --config YAML")
+    if args.path and not os.path.exists(args.path):
+        raise CheckpointError(f"sat-dist plan {args.path}: no such file or folder (a checkpoint, a diffusers or HF "
+                              f"folder, a .safetensors file, or with --engine a CogVideoX pipeline folder)")
     result = (engine_plan if args.engine else capacity_plan)(args.config, args.tp, args.dtype, args.overrides, args.batch,
-                           tuple(args.latent) if args.latent else None)
+                                                               tuple(args.latent) if args.latent else None,
+                                                               checkpoint=args.path)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.table(), flush=True)
     return 0
 
