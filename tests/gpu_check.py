@@ -23,13 +23,14 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 from typing import Callable, Optional, Sequence
+
+from launch_helpers import kill_group  # tests/ is this script's folder, first on sys.path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)  # the venv's bin: torchrun, sat-dist
@@ -195,20 +196,6 @@ class Ctx:
 
 # --- running commands -------------------------------------------------------------------------------
 
-def _kill_session(proc: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL, the session we started for `proc` (torchrun stops its ranks on SIGTERM)."""
-    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(grace)
-            return
-        except subprocess.TimeoutExpired:
-            pass
-
-
 def run(ctx: Ctx, name: str, cmd: Sequence[str], env: dict, timeout: float) -> Proc:
     """Run `cmd` in its own session with a timeout (then the whole session is killed); output kept in logs/."""
     base = ctx.path("logs", ctx.log_name(name))
@@ -220,10 +207,10 @@ def run(ctx: Ctx, name: str, cmd: Sequence[str], env: dict, timeout: float) -> P
         try:
             rc: Optional[int] = proc.wait(ctx.limit(timeout))
         except subprocess.TimeoutExpired:
-            _kill_session(proc)
+            kill_group(proc)
             rc = None
         except BaseException:  # Ctrl-C: our sessions do not see the terminal's SIGINT, so stop them here
-            _kill_session(proc)
+            kill_group(proc)
             raise
     return Proc(name, rc, open(base + ".out").read(), open(base + ".err").read(), time.monotonic() - t0)
 
@@ -284,7 +271,7 @@ def launch_ranks(ctx: Ctx, name: str, world: int, args: Sequence[str], env: dict
     finally:
         for p in procs:
             if p.poll() is None:
-                _kill_session(p)
+                kill_group(p)
     out = []
     for r, p in enumerate(procs):
         out.append(RankRun(p.returncode if r in exit_at else None, exit_at.get(r), open(errs[r]).read()))
