@@ -105,3 +105,11 @@ REPLICA_ARGS ?=
 .PHONY: replicas
 replicas: $(STAMP)
 	$(VENV)/bin/python -m sat_dist.testing.replica $(REPLICA_DIR) --component all --layout both $(REPLICA_ARGS)
+
+# bench-real : the replicas (make replicas first) loaded at real size, TP 1/2/4 as 24 GiB allows: per-rank bytes
+# read == the read plan, peak RSS <= the rank's tensors + 300 MiB, seconds beside the limit (bench/real_bench.py).
+# Sparse replicas time no I/O: for timing, make replicas REPLICA_ARGS="--fill random", then BENCH_REAL_ARGS=--cold.
+BENCH_REAL_ARGS ?=
+.PHONY: bench-real
+bench-real: $(STAMP)
+	$(VENV)/bin/python bench/real_bench.py $(REPLICA_DIR) $(BENCH_REAL_ARGS)
