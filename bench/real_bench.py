@@ -16,21 +16,26 @@ import json
 import os
 import sys
 import tempfile
+from typing import Optional
 
 from sat_dist.bench import run_bench
 from sat_dist.bench.methods import prepare
 
 MIB, GIB = 1 << 20, 1 << 30
 RSS_SLACK = 300 * MIB
-# (folder under the replicas' root, TP sizes): 24 GiB holds TP x (shard + page cache) for these
-CASES = [("vae", (1,)), ("t5-v1_1-xxl", (1, 2, 4)), ("CogVideoX-5b", (2, 4)), ("CogVideoX-5b-sat", (4,)),
-         ("CogVideoX1.5-5B", (4,))]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# (folder under the replicas' root, TP sizes, CogVideo's YAML for a SAT-layout DiT, which carries no config):
+# 24 GiB holds TP x (shard + page cache) for these
+CASES = [("vae", (1,), None), ("t5-v1_1-xxl", (1, 2, 4), None), ("CogVideoX-5b", (2, 4), None),
+         ("CogVideoX-5b-sat", (4,), "cogvideox_5b.yaml"), ("CogVideoX1.5-5B", (4,), None)]
 
 
-def source(path: str) -> tuple[str, list[str]]:
+def source(path: str, yaml_name: Optional[str] = None) -> tuple[str, list[str]]:
     """(what to load, config files) of one replica folder: its replica.json's root; a VAE's safetensors
     file with its config.json as the model config, as the engine loads it (engine/layout.vae_model_config)."""
     root = json.load(open(os.path.join(path, "replica.json")))["root"]
+    if yaml_name:
+        return root, [os.path.join(REPO, "configs", yaml_name)]
     cfg = os.path.join(os.path.dirname(root), "config.json")
     if not root.endswith(".safetensors") or json.load(open(cfg)).get("_class_name") != "AutoencoderKLCogVideoX":
         return root, []
@@ -44,8 +49,8 @@ def source(path: str) -> tuple[str, list[str]]:
     return root, [yml]
 
 
-def one(path: str, tp: int, cold: bool, repeat: int) -> tuple[str, bool]:
-    ckpt, configs = source(path)
+def one(path: str, tp: int, cold: bool, repeat: int, yaml_name: Optional[str] = None) -> tuple[str, bool]:
+    ckpt, configs = source(path, yaml_name)
     res = run_bench(ckpt, tp, tp, cold, repeat, ["limit", "sat_dist"], configs, log=lambda _: None)
     lim, sat = (next(m for m in res.methods if m.method == name) for name in ("limit", "sat_dist"))
     if sat.skipped or lim.skipped:
@@ -72,12 +77,12 @@ def main(argv=None) -> int:
     print(f"{'component':<22} tp  read GiB  plan GiB    need GiB RSS-need  limit s  sat_dist s  x lim rdzv s"
           f"  ({'cold' if args.cold else 'warm'}, median of {args.repeat}, largest rank)", flush=True)
     good = True
-    for name, tps in CASES:
+    for name, tps, yaml_name in CASES:
         path = os.path.join(args.root, name)
         if (args.only and name not in args.only) or not os.path.isdir(path):
             continue
         for tp in tps:
-            row, ok = one(path, tp, args.cold, args.repeat)
+            row, ok = one(path, tp, args.cold, args.repeat, yaml_name)
             print(row, flush=True)
             good &= ok
     return 0 if good else 1

@@ -106,6 +106,8 @@ def _add_convert_parser(sub) -> None:
     conv.add_argument("--weights", choices=["auto", "module", "fp32"], default=None, help="DeepSpeed: as for load")
     conv.add_argument("--timeout", type=float, default=None, dest="timeout_s", help="seconds (default 300)")
     conv.add_argument("--json", action="store_true", help="print the report as JSON (rank 0)")
+    conv.add_argument("--dry-run", action="store_true",
+                      help="plan the conversion (index, names, shapes, the writer's checks) and write nothing")
     conv.set_defaults(overrides=[])
 
 
@@ -115,8 +117,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     report = convert(args.src, args.dst, args.to, tp=args.tp, shard_size=args.shard_size, dtype=args.dtype,
                      config=args.config, overrides=args.overrides, extra_keys=args.extra_keys, force=args.force,
-                     tag=args.tag, weights=args.weights, timeout_s=args.timeout_s)
-    if detect_launch().rank == 0:
+                     tag=args.tag, weights=args.weights, timeout_s=args.timeout_s, dry_run=args.dry_run)
+    if args.dry_run or detect_launch().rank == 0:
         print(json.dumps(report.to_dict(), indent=2) if args.json else report.table(), flush=True)
     return 0
 

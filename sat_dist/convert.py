@@ -30,6 +30,7 @@ import re
 import shutil
 import sys
 import time
+from types import SimpleNamespace
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence, Union
 
@@ -83,12 +84,20 @@ class ConvertReport:
     extra_keys: dict
     absent: list
     ranks: list
+    tensors: int = 0  # model tensors written (with --dry-run: that would be)
+    planned_bytes: int = 0  # their bytes in the output dtypes, before any file overhead
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def table(self) -> str:
         mib = 2 ** 20
+        if self.status == "dry-run":
+            return (f"{self.source} ({self.source_format}) -> {self.destination} ({self.to}"
+                    f"{f', mp={self.tp}' if self.to == 'sat' else ''}): {self.tensors} tensors, "
+                    f"{self.planned_bytes / mib:.1f} MiB would be written; --dry-run: no tensor read, nothing written"
+                    + (f"\n{self.extra_keys['count']} tensors outside the model would be {self.extra_keys['action']}"
+                       if self.extra_keys["count"] else ""))
         lines = [f"{self.source} ({self.source_format}) -> {self.destination} ({self.to}"
                  f"{f', mp={self.tp}' if self.to == 'sat' else ''}): {len(self.files)} files, "
                  f"{self.bytes_written / mib:.1f} MiB in {self.seconds:.2f}s",
@@ -108,11 +117,13 @@ def convert(src: str, dst: str, to: str, *, tp: Optional[int] = None, shard_size
             dtype: Optional[str] = None, config: Union[str, Sequence[str], None] = None,
             overrides: Sequence[str] = (), extra_keys: str = "drop", force: bool = False,
             tag: Optional[str] = None, weights: Optional[str] = None,
-            timeout_s: Optional[float] = None) -> ConvertReport:
+            timeout_s: Optional[float] = None, dry_run: bool = False) -> ConvertReport:
     """Convert `src` into a new folder `dst` in format `to` (sat|safetensors|diffusers|dcp) on every
     rank of the job (torchrun/SLURM/MPI, or one process). `tp`: mp size of a SAT output;
     `shard_size`: largest safetensors shard (`5GB`, `500MiB`, bytes); `dtype`: cast (fp32|fp16|bf16);
-    `config`/`overrides`: as `load`; `extra_keys`: drop|separate (tensors outside the model)."""
+    `config`/`overrides`: as `load`; `extra_keys`: drop|separate (tensors outside the model). `dry_run`:
+    plan the conversion (the source indexed, every tensor mapped, the writer's checks) in this process
+    alone, read no tensor byte, write nothing."""
     t0 = time.perf_counter()
     writer = writer_for(to)
     if extra_keys not in ("drop", "separate"):
@@ -123,11 +134,26 @@ def convert(src: str, dst: str, to: str, *, tp: Optional[int] = None, shard_size
     if to != "sat" and out_tp != 1:
         raise ConfigError(f"--tp {out_tp} sets the model-parallel size of a SAT output; {to} holds full tensors: drop --tp")
     limit = parse_size(shard_size)
+    if dry_run:
+        return _dry_run(cfg, writer, os.path.abspath(dst), out_tp, limit, extra_keys, force, t0)
     rt = C.setup(detect_launch(timeout_s=cfg.timeout_s), 1, "cpu", cfg.timeout_s)
     try:
         return _run(rt, cfg, writer, os.path.abspath(dst), out_tp, limit, extra_keys == "separate", force, t0)
     finally:
         C.teardown(rt)
+
+
+def _dry_run(cfg: LoadConfig, writer, dst: str, tp: int, limit: int, extra_keys: str, force: bool,
+             t0: float) -> ConvertReport:
+    """What `convert` would write, planned by one process as rank 0 of 1 (no process group)."""
+    prep = _prepare(SimpleNamespace(rank=0, world_size=1), cfg, writer, dst, tp, limit, force)
+    wants = prep.job.wholes()
+    extras = sorted(prep.extras.pieces)
+    action = "dropped" if extra_keys == "drop" else f"written to {EXTRA_DIR}/"
+    return ConvertReport("dry-run", cfg.checkpoint, prep.source_format, dst, writer.NAME, tp, 1,
+                         round(time.perf_counter() - t0, 4), [], 0,
+                         {"count": len(extras), "names": extras[:20], "action": action},
+                         sorted(prep.index.meta.get("absent", {})), [], len(wants), sum(w.nbytes for w in wants))
 
 
 # --- planning ---------------------------------------------------------------------------------------
@@ -159,6 +185,9 @@ def _prepare(rt: Runtime, cfg: LoadConfig, writer, dst: str, tp: int, limit: int
     _check_paths(cfg.checkpoint, dst, force)
     if getattr(cfg.model, "adaln_split", False):  # a load-time TP layout of sat_dist's, never a file's
         cfg.model = dataclasses.replace(cfg.model, adaln_split=False)
+    if not all(hasattr(cfg.model, k) for k in ("num_layers", "hidden_size", "num_attention_heads")):
+        raise ConfigError(f"convert writes SAT-family models (SAT GPT, the CogVideoX DiT); {cfg.checkpoint} holds "
+                          f"a {getattr(cfg.model, 'model_class', type(cfg.model).__name__)}: load it as it is")
     if writer.NAME == "sat":
         check_tp(cfg.model, tp)
     model = build_meta_model(cfg.model, TPInfo(1, 0, None))

@@ -373,3 +373,30 @@ def test_cli_writes_one_component_into_out_and_refuses_foreign_folders(tmp_path,
         R.main([str(tmp_path / "x"), "--component", "vae", "--layout", "sat"])
     assert "--layout sat is for the DiTs only" in capsys.readouterr().err
     assert (foreign / "vae" / "keep.txt").exists()
+
+
+# --- convert dry runs ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("component", list(R.RELEASES))
+def test_convert_dry_run_of_every_dit_replica_in_both_directions(replicas, tmp_path, component):
+    """`sat-dist convert --dry-run` plans the conversion a user would run on each real-size release
+    (diffusers -> SAT and SAT -> diffusers): every tensor mapped, the writer's checks passed, no byte
+    read, nothing written; both directions plan the same tensors and bytes."""
+    from sat_dist.convert import convert
+
+    rel = R.RELEASES[component]
+    out = []
+    for layout, to in (("diffusers", "sat"), ("sat", "diffusers")):
+        w = replicas[component, layout]
+        dst = str(tmp_path / f"{layout}-to-{to}")
+        rep = convert(w.root, dst, to, config=[rel.config_path] if layout == "sat" else None, dry_run=True)
+        assert rep.status == "dry-run" and rep.files == [] and not os.path.exists(dst)
+        out.append((rep.tensors, rep.planned_bytes))
+    assert out[0] == out[1] and out[0][0] > 500
+
+
+def test_convert_of_a_t5_encoder_is_a_named_error(replicas, tmp_path):
+    from sat_dist.convert import convert
+
+    with pytest.raises(ConfigError, match="holds a T5EncoderModel: load it as it is"):
+        convert(replicas["t5-v1_1-xxl", "diffusers"].root, str(tmp_path / "t5"), "safetensors", dry_run=True)
