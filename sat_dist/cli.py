@@ -207,7 +207,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from .engine.engine import load_engine
 
         engine = load_engine(pipeline, tp=args.tp, dtype=args.dtype, device=args.device, timeout_s=args.timeout_s)
-        frames, _ = engine.run(PROMPT, num_steps=4, seed=42, out=out if rank == 0 else None, decode=rank == 0)
+        frames, _ = engine.run(PROMPT, num_steps=4, seed=42, out=out if rank == 0 else None, decode=engine.group == 0)
         if rank == 0:
             how = f"TP {engine.rt.tp}" + (" x CFG parallel 2" if engine.pair_group is not None else "")
             print(f"[rank 0] sampled \"{PROMPT}\" on {engine.rt.world_size} ranks ({how}), 4 steps: wrote {out}: "

@@ -7,8 +7,9 @@ Keeping them in one module makes the communication pattern auditable. Two planes
   the exchange offers, the read agreement (exchange on), the final agreement; one all-gather of a
   host frame each (`all_gather_objects`). A timeout there raises, and the error names who never came;
 - the data plane, the device groups (NCCL on CUDA; gloo on CPU, separate objects): the exchange's
-  broadcasts, the TP forward collectives (`models/tp_ops.py`) and the CFG pairs' one all-gather per
-  denoising step (`all_gather_pair`). Only tensors travel there.
+  broadcasts, the TP forward collectives and the Ulysses all-to-alls (`models/tp_ops.py`), the CFG
+  pairs' one all-gather per denoising step (`all_gather_pair`) and the SP group's one gather of the
+  latents' rows per sample (`all_gather_rows`). Only tensors travel there.
 
 No wait on a peer is unbounded: collectives carry their group's timeout (the load's during a load,
 the runtime timeout after it), store calls run bounded (`rendezvous.bounded`), a device collective of the load is
@@ -27,19 +28,10 @@ import torch.distributed as dist
 
 from .errors import ConfigError, GroupLoadError
 from .launch import LaunchInfo
+from . import groups as G
 from . import rendezvous as R
 from .pause import pause_point
 from .runtime import Mesh, Runtime, device_identity, pick_backend, pick_device, setup_problems
-
-
-# After a load's last agreement every group it made takes the runtime timeout (`--runtime-timeout`):
-# the load's bound would otherwise cut off a long sampling run (a work group idle in `finish` while
-# another renders, a leader's VAE decode that its TP peers wait out at their next collective).
-RUNTIME_TIMEOUT_S = 7200.0
-# On NCCL a collective that outlives its group's timeout is aborted by the watchdog, which kills the
-# process; during a load the device groups' timeout is the load's plus this grace, so the host-side
-# deadline of `wait` (the load's timeout) always comes first and ends in a named error.
-DEVICE_GRACE_S = 30.0
 
 
 def setup(
@@ -49,9 +41,11 @@ def setup(
     timeout_s: float = 300.0,
     cfg_parallel: bool = False,
     runtime_timeout_s: Optional[float] = None,
+    sp: int = 1,
 ) -> Runtime:
     """Join (or create) the default process group, the control group and every device group a load
-    (and with `cfg_parallel`, the engine's CFG pairs) will use, all inside the load's bound.
+    (and with `cfg_parallel`, the engine's CFG pairs; with `sp` > 1, its SP groups) will use, all
+    inside the load's bound. The mesh is `Mesh.for_job(world, tp, sp, cfg_parallel)` (runtime.py).
 
     The control plane is a gloo group beside the device groups on every backend: every agreement,
     arrival and error object travels there, where a timeout raises; the device groups (NCCL on CUDA)
@@ -59,7 +53,7 @@ def setup(
     on the mesh and on their GPUs (two ranks on one GPU are refused); the device groups are then
     connected eagerly, so a missing peer is named here, not found in the first forward. An existing
     default group (a user's script that called init_process_group) is reused and left alone."""
-    mesh = Mesh(launch.world_size, tp)
+    mesh = Mesh.for_job(launch.world_size, tp, sp, cfg_parallel)
     pause_point("rendezvous", launch.rank)
     dev, dev_error = device_for(launch, device)
     if dev.type == "cuda" and dev_error is None:
@@ -80,17 +74,17 @@ def setup(
             launch.launcher, dist.get_rank(), launch.local_rank, dist.get_world_size(),
             launch.local_world_size, launch.node_rank, launch.master_addr, launch.master_port,
         )
-        mesh = Mesh(launch.world_size, tp)
+        mesh = Mesh.for_job(launch.world_size, tp, sp, cfg_parallel)
     rt = Runtime(launch=launch, mesh=mesh, device=dev, owns_process_group=owns, load_timeout_s=timeout_s,
-                 runtime_timeout_s=RUNTIME_TIMEOUT_S if runtime_timeout_s is None else runtime_timeout_s)
+                 runtime_timeout_s=G.RUNTIME_TIMEOUT_S if runtime_timeout_s is None else runtime_timeout_s)
     rt.store, rt.arrivals = store or R.default_store(), f"sat_dist/{next(R.LOADS)}"
-    _prune_groups()
+    G.prune()
     try:  # a store whose host stopped answers nothing: bounded, like every store wait here
-        rt.ctrl_group = R.bounded(lambda: _group(rt, "ctrl", list(range(mesh.world_size)), "gloo"), timeout_s + 2,
+        rt.ctrl_group = R.bounded(lambda: G.group(rt, "ctrl", list(range(mesh.world_size)), "gloo"), timeout_s + 2,
                                  f"rank {launch.rank}: creating the control group", dev)
         _agree_setup(rt, tp, cfg_parallel, dev_error)
         R.bounded(lambda: _device_groups(rt, cfg_parallel), timeout_s + 2,
-                 f"rank {launch.rank}: creating and connecting the TP, DP and CFG groups", dev)
+                 f"rank {launch.rank}: creating and connecting the TP, DP, SP and CFG groups", dev)
         enter_load(rt)
     except BaseException:
         teardown(rt)
@@ -110,7 +104,7 @@ def device_for(launch: LaunchInfo, requested: Optional[str]) -> tuple[torch.devi
 def _agree_setup(rt: Runtime, tp: int, cfg_parallel: bool, dev_error: Optional[str]) -> None:
     """The first control-plane agreement: the same mesh on every rank (different --tp across nodes
     would create different groups), and every GPU used by one rank only (UUIDs, before NCCL)."""
-    mine = {"rank": rt.rank, "tp": tp, "cfg_parallel": cfg_parallel, "error": dev_error,
+    mine = {"rank": rt.rank, "tp": tp, "sp": rt.mesh.sp, "cfg_parallel": cfg_parallel, "error": dev_error,
             "device": device_identity(rt.device, rt.kernel, rt.host) if dev_error is None else None}
     t0 = time.monotonic()
     R.mark_arrival(rt, "setup")
@@ -126,27 +120,37 @@ def _agree_setup(rt: Runtime, tp: int, cfg_parallel: bool, dev_error: Optional[s
 
 
 def _device_groups(rt: Runtime, cfg_parallel: bool) -> None:
-    """TP groups (consecutive ranks), DP groups (same TP rank: the exchange's broadcasts) and, with
-    `cfg_parallel`, the CFG pairs; on CUDA each created with `device_id` (connected now) and the
-    default group connected too. new_group must be called by every rank for every group, in one order."""
+    """TP groups (consecutive ranks), DP groups (same TP rank: the exchange's broadcasts), SP groups
+    (sp > 1: the Ulysses all-to-alls and the latents' gather) and, with `cfg_parallel` where the mesh
+    pairs replicas (`Mesh.cfg` = 2), the CFG pairs; on CUDA each created with `device_id` (connected
+    now) and the default group connected too. new_group must be called by every rank for every group,
+    in one order (TP, DP, SP, CFG: at sp = 1 the groups and their order are those of the dp x tp mesh)."""
     mesh, dev = rt.mesh, rt.device
     backend = pick_backend(dev)
     if mesh.tp > 1:
         for ranks in mesh.tp_groups():
-            group = _group(rt, "tp", ranks, backend)
+            group = G.group(rt, "tp", ranks, backend)
             if rt.rank in ranks:
                 rt.tp_group = group
     if mesh.dp > 1:
-        for ranks in (list(range(t, mesh.world_size, mesh.tp)) for t in range(mesh.tp)):
-            group = _group(rt, "dp", ranks, backend)
+        for ranks in mesh.dp_groups():
+            group = G.group(rt, "dp", ranks, backend)
             if rt.rank in ranks:
                 rt.dp_group = group
-    if cfg_parallel and mesh.dp >= 2 and mesh.dp % 2 == 0:
+    if mesh.sp > 1:
+        if mesh.replicas == 1:
+            rt.sp_group = rt.dp_group  # one replica: the SP group is the DP group (no second communicator)
+        else:
+            for ranks in mesh.sp_groups():
+                group = G.group(rt, "sp", ranks, backend)
+                if rt.rank in ranks:
+                    rt.sp_group = group
+    if cfg_parallel and mesh.cfg == 2:
         if mesh.dp == 2:
-            rt.cfg_group = rt.dp_group  # the pair is the DP group
+            rt.cfg_group = rt.dp_group  # the pair is the DP group (sp = 1, two replicas)
         else:
             for ranks in mesh.cfg_pairs():
-                group = _group(rt, "cfg", ranks, backend)
+                group = G.group(rt, "cfg", ranks, backend)
                 if rt.rank in ranks:
                     rt.cfg_group = group
     if dev.type == "cuda" and rt.owns_process_group:
@@ -160,104 +164,9 @@ def _connect(group, dev: torch.device) -> None:
         backend.eager_connect_single_device(dev)
 
 
-# Groups are shared by every load of the process that uses the same ranks (a second load_model reuses
-# the first's groups instead of leaking new NCCL communicators); each Runtime holds a reference, and
-# the last teardown destroys them. Keyed by (the default group, kind, backend, ranks).
-_GROUPS: dict[tuple, Any] = {}
-_REFS: dict[tuple, int] = {}
-
-
-def _prune_groups() -> None:
-    """Forget groups of a default group that no longer exists (destroyed by its owner)."""
-    live = id(dist.distributed_c10d._get_default_group()) if dist.is_initialized() else None
-    for key in [k for k in _GROUPS if k[0] != live]:
-        _GROUPS.pop(key, None)
-        _REFS.pop(key, None)
-
-
-def _group(rt: Runtime, kind: str, ranks: list[int], backend: str):
-    """The group of `ranks` (created by every rank, member or not, the first time); this runtime
-    holds a reference to it."""
-    key = (id(dist.distributed_c10d._get_default_group()), kind, backend, tuple(ranks))
-    if key not in _GROUPS:
-        cuda = backend == "nccl"
-        _GROUPS[key] = dist.new_group(ranks, timeout=datetime.timedelta(seconds=rt.load_timeout_s), backend=backend,
-                                      device_id=rt.device if cuda and rt.rank in ranks else None)
-    _REFS[key] = _REFS.get(key, 0) + 1
-    rt.group_keys.append(key)
-    return _GROUPS[key]
-
-
-def _member_groups(rt: Runtime) -> list[tuple[str, Any]]:
-    """(kind, group) of every group this rank is a member of, the default one if this runtime made it."""
-    out = []
-    for key in dict.fromkeys(rt.group_keys):
-        group = _GROUPS.get(key)
-        if group is not None and rt.rank in key[3]:
-            out.append((key[1], group))
-    if rt.owns_process_group and dist.is_initialized():
-        out.append(("default", None))
-    return out
-
-
-def _set_timeouts(rt: Runtime, ctrl_s: float, device_s: float) -> None:
-    for kind, group in _member_groups(rt):
-        seconds = ctrl_s if kind == "ctrl" else device_s
-        try:
-            dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=seconds), group)
-        except (ValueError, RuntimeError, AttributeError):
-            pass  # a backend without a settable timeout keeps the one it was created with
-
-
-def enter_load(rt: Runtime) -> None:
-    """Load phase: the control group and gloo device groups time out at `--timeout`; NCCL groups a
-    grace later, so `wait`'s host-side deadline ends a stalled broadcast in a named error first."""
-    grace = DEVICE_GRACE_S if rt.device.type == "cuda" else 0.0
-    _set_timeouts(rt, rt.load_timeout_s, rt.load_timeout_s + grace)
-
-
-def enter_runtime(rt: Runtime) -> None:
-    """After the last agreement of a load: every group takes the runtime timeout (sampling, forwards)."""
-    _set_timeouts(rt, rt.runtime_timeout_s, rt.runtime_timeout_s)
-
-
-def teardown(rt: Runtime, abort: bool = False) -> None:
-    """Drop this runtime's references to its groups (the last one destroys a group) and destroy the
-    default group if this runtime created it (avoids gloo's abort-at-exit). `abort`: a device
-    collective may still be in flight (a broadcast given up at the load's deadline): on NCCL the
-    communicators are aborted first, since destroying them would wait for that collective."""
-    rt.store = None
-    if abort and rt.device.type == "cuda" and dist.is_initialized():
-        _abort(rt)
-    keys, rt.group_keys = rt.group_keys, []
-    for key in keys:
-        _REFS[key] = _REFS.get(key, 1) - 1
-        if _REFS[key] <= 0:
-            group = _GROUPS.pop(key, None)
-            _REFS.pop(key, None)
-            if group is not None and rt.rank in key[3] and dist.is_initialized() and not rt.owns_process_group:
-                try:
-                    dist.destroy_process_group(group)
-                except Exception:
-                    pass
-    if rt.owns_process_group and dist.is_initialized():
-        dist.destroy_process_group()
-        _prune_groups()
-
-
-def _abort(rt: Runtime) -> None:
-    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
-    if abort is None:
-        return
-    groups = [None] if rt.owns_process_group else [g for kind, g in _member_groups(rt) if kind != "ctrl"]
-    for group in groups:
-        try:
-            abort(group)
-        except Exception:
-            pass  # already aborted by the watchdog, or destroyed
-    if rt.owns_process_group:
-        _GROUPS.clear()
-        _REFS.clear()
+# The groups' registry, timeouts and teardown live in `groups` (re-exported: callers use collectives).
+RUNTIME_TIMEOUT_S, DEVICE_GRACE_S = G.RUNTIME_TIMEOUT_S, G.DEVICE_GRACE_S
+enter_load, enter_runtime, teardown = G.enter_load, G.enter_runtime, G.teardown
 
 
 def broadcast_async(t: torch.Tensor, src: int, group=None):
@@ -343,5 +252,45 @@ def all_gather_pair(x: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
+
+# --- the video engine's sequence parallelism (Ulysses; sat_dist.engine, models/cogvideox/sequence.py) ---
+# The SP groups (the sp ranks of one replica with the same TP rank) are created by `setup(sp=N)` with
+# the other groups, inside the load's bound: `Runtime.sp_group`. In the DiT's forward, each attention
+# layer's two all-to-alls (sequence-split Q/K/V -> head-split, and back) are `models/tp_ops.all_to_all`,
+# next to the TP forward collectives: the model families sit below this module and never import it.
+
+def all_gather_rows(x: torch.Tensor, sizes: list[int], dim: int, group) -> torch.Tensor:
+    """The SP group's slices of `x` along `dim` — `sizes[i]` long on the group's i-th rank, uneven
+    allowed — concatenated in group order: one all-gather of slices padded to the largest (the
+    padding is dropped, never read). The engine's only SP collective outside the DiT: the latents'
+    rows, once after denoising."""
+    n = len(sizes)
+    if n == 1:
+        return x
+    if x.shape[dim] != sizes[dist.get_group_rank(group, dist.get_rank())]:
+        raise ValueError(f"this rank's slice has {x.shape[dim]} rows on dim {dim}; the split says "
+                         f"{sizes[dist.get_group_rank(group, dist.get_rank())]} (of {sizes})")
+    most = max(sizes)
+    shape = list(x.shape)
+    shape[dim] = most
+    padded = x.new_zeros(shape)
+    padded.narrow(dim, 0, x.shape[dim]).copy_(x)
+    out = torch.empty((n, *shape), dtype=x.dtype, device=x.device)
+    if x.device.type == "cuda":
+        dist.all_gather_into_tensor(out, padded, group=group)
+    else:  # gloo: a list of views into `out`
+        dist.all_gather(list(out.unbind(0)), padded, group=group)
+    return torch.cat([out[i].narrow(dim, 0, sizes[i]) for i in range(n)], dim=dim)
+
 # The arrival marks and the error naming who never came, for the agreement points (agree, exchange).
 mark_arrival, unreachable, not_arrived = R.mark_arrival, R.unreachable, R.not_arrived
+
+
+# --- the parallel VAE decode (sat_dist.engine.decode: a work group's stages, one gather each) -------
+def gather_to_first(x: torch.Tensor, group) -> Optional[torch.Tensor]:
+    """Every rank's `x` (one shape on all) stacked on a new dim 0 at `group`'s first rank (one gather); else None."""
+    first = dist.get_global_rank(group, 0)
+    n = dist.get_world_size(group) if dist.get_rank() == first else 0
+    out = torch.empty((n, *x.shape), dtype=x.dtype, device=x.device) if n else None
+    dist.gather(x.contiguous(), list(out.unbind(0)) if n else None, dst=first, group=group)
+    return out

@@ -285,3 +285,18 @@ def check_outputs(outputs: Sequence[str], out_dir: Optional[str], create: bool =
             raise ConfigError(f"--out {out}: is a folder; give the mp4's file name "
                               f"(e.g. {os.path.join(out, 'output.mp4')})")
         check_writable(os.path.dirname(os.path.abspath(out)), f"--out {out}", create)
+
+
+def check_sp(parts: Components, sp: int, world: Optional[int] = None, cfg_parallel: bool = False) -> None:
+    """`--sp` (sequence parallel, Ulysses): it splits each TP rank's DiT heads, so it must divide
+    num_attention_heads / tp; and the world must hold whole replicas of tp x sp ranks (`world`: the
+    launcher's, when known). Before anything is loaded, naming the sizes that work."""
+    from ..runtime import Mesh
+
+    cfg = parts.models["transformer"]
+    try:
+        cfg.model.check_sp(cfg.tp, sp)
+    except ConfigError as exc:
+        raise ConfigError(f"--sp {sp}: transformer: {exc}") from exc
+    if world is not None:
+        Mesh.for_job(world, cfg.tp, sp, cfg_parallel)  # a ConfigError naming --tp/--sp sizes that fit

@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", default=None, help="I2V: the first frame (png/jpg)")
     p.add_argument("--negative-prompt", default="", help="the unconditional prompt (default empty)")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel size of the DiT and T5 (default 1)")
+    p.add_argument("--sp", type=int, default=1,
+                   help="sequence-parallel (Ulysses) size: the DiT's video tokens split over SP ranks inside each "
+                        "TP rank's heads; must divide heads / tp, each replica is tp x sp ranks (default 1)")
     p.add_argument("--dtype", default=None, help="fp32|fp16|bf16 for every component (default: as stored)")
     p.add_argument("--device", default=None, help="default cuda:LOCAL_RANK when CUDA is present, else cpu")
     p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
@@ -72,6 +75,10 @@ def resolve(args: argparse.Namespace) -> SampleRun:
     spec = check.sample_run(parts, image=args.image, num_frames=args.frames, height=args.height, width=args.width,
                             num_steps=args.steps, guidance_scale=args.guidance, use_dynamic_cfg=dynamic, cli=True)
     check.check_tp(parts)
+    from ..launch import rank_and_world
+
+    world = rank_and_world()[1]  # under a launcher: whole tp x sp replicas (one process, e.g. a dry run: not yet)
+    check.check_sp(parts, args.sp, world if world and world > 1 else None, not args.no_cfg_parallel)
     single = args.prompt is not None
     spec.prompts = prompts
     spec.outputs = [args.out] if single else [os.path.join(args.out_dir, check.video_name(i, p))
@@ -98,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     spec = resolve(args)
     if args.dry_run:
         return dry_run(args, spec)
-    engine = load_engine(args.model or args.config, tp=args.tp, dtype=args.dtype, device=args.device,
+    engine = load_engine(args.model or args.config, tp=args.tp, sp=args.sp, dtype=args.dtype, device=args.device,
                          timeout_s=args.timeout_s, runtime_timeout_s=args.runtime_timeout_s,
                          cfg_parallel=not args.no_cfg_parallel)
     rank = engine.rt.rank
@@ -113,8 +120,8 @@ def run(args: argparse.Namespace) -> int:
     kwargs = dict(negative_prompt=args.negative_prompt, num_steps=args.steps, seed=args.seed,
                   guidance_scale=args.guidance, use_dynamic_cfg=dynamic, num_frames=args.frames, height=args.height,
                   width=args.width, image=args.image, progress=True)
-    if single:  # every group computes it; rank 0 (a leader) writes it
-        frames, _ = engine.run(prompts[0], out=args.out if rank == 0 else None, decode=rank == 0, **kwargs)
+    if single:  # every group computes it; rank 0's group decodes it (together), rank 0 (its leader) writes it
+        frames, _ = engine.run(prompts[0], out=args.out if rank == 0 else None, decode=engine.group == 0, **kwargs)
         done = [(0, frames)] if rank == 0 else []
     else:
         done = engine.sample_many(prompts, out=out, **kwargs)

@@ -6,8 +6,9 @@ pipeline's sampling on top of it (THUDM/CogVideo sat/sample_video.py does the sa
 
 Ranks form work groups: a TP group, or with CFG parallel a pair of TP groups (two DP replicas,
 `Runtime.cfg_group`, made by `collectives.setup`) that run the unconditional and conditional passes at once. Every rank
-of a group runs the same sampler on the same numbers; the group's leader (TP rank 0 of its first
-replica) decodes and gets the frames. `sample` runs one prompt on every group (rank 0 returns the
+of a group runs the same sampler on the same numbers; the whole group decodes, each rank a share of
+the VAE's tiles (engine/decode.py), and the group's leader (TP rank 0 of its first replica) blends
+them and gets the frames. `sample` runs one prompt on every group (rank 0 returns the
 frames); `sample_many` deals prompts out to the groups.
 """
 from __future__ import annotations
@@ -20,13 +21,15 @@ import numpy as np
 import torch
 
 from .. import collectives as C
+from ..errors import ConfigError
 from ..launch import detect_launch
 from ..loader import keep_runtime, load_components
 from ..pause import pause_point
 from . import check, sat_sampler, video
+from .decode import WorkGroup
 from .layout import Components, components_for
 from .report import EngineReport, RunRecord, max_reserved_bytes, peak_device_bytes
-from .sampler import Conditioning, Guidance, denoise, initial_noise, make_scheduler
+from .sampler import Conditioning, Guidance, RowShard, denoise, initial_noise, make_scheduler
 from .text import encode_prompt, load_tokenizer
 
 V15_DEFAULT = check.V15_DEFAULT  # CogVideoX1.5's frames, height, width (CogVideo inference/cli_demo.py)
@@ -37,11 +40,13 @@ class Engine:
         self.rt, self.parts, self.report, self.tokenizer = rt, parts, report, tokenizer
         self.dit, self.text_encoder, self.vae = models["transformer"], models["text_encoder"], models["vae"]
         self.pair_group = pair_group
-        dp = rt.mesh.dp
-        self.groups = dp // 2 if pair_group is not None else dp
-        self.group = rt.dp_rank // 2 if pair_group is not None else rt.dp_rank
-        self.pair_index = rt.dp_rank % 2 if pair_group is not None else 0
-        self.leader = rt.tp_rank == 0 and self.pair_index == 0
+        # the DiT's replicas (tp x sp ranks each; at sp = 1 the DP replicas); with CFG parallel, pairs of them
+        replicas, replica = rt.mesh.replicas, rt.mesh.replica(rt.rank)
+        self.groups = replicas // 2 if pair_group is not None else replicas
+        self.group = replica // 2 if pair_group is not None else replica
+        self.pair_index = replica % 2 if pair_group is not None else 0
+        self.sp_group = rt.sp_group  # sequence parallel: this rank's SP group (None at sp = 1)
+        self.leader = rt.tp_rank == 0 and rt.sp_rank == 0 and self.pair_index == 0
 
     # -- sizes -------------------------------------------------------------------------------------
 
@@ -85,17 +90,20 @@ class Engine:
             image: Any = None, on_step: Optional[Callable] = None, decode: bool = True, out: Optional[str] = None,
             progress: bool = False) -> tuple[Optional[np.ndarray], torch.Tensor]:
         """This work group's sample: returns (frames on the group leader when `decode`, else None; the
-        final latents on every rank). diffusers layout: as diffusers' CogVideoX(ImageToVideo)Pipeline
+        final latents on every rank). `decode` must be the same on every rank of the work group: its
+        ranks decode together. diffusers layout: as diffusers' CogVideoX(ImageToVideo)Pipeline
         computes it (guidance 6; `use_dynamic_cfg` None: on with the DPM scheduler, as CogVideo's
         inference/cli_demo.py runs the 5B models). SAT layout: CogVideo's own sampler as the YAML
         configures it (engine/sat_sampler.py; guidance and dynamic CFG from the guider unless given).
-        `on_step(i, t, latents)` sees every step's latents. Every argument is checked before any work
-        (engine/check.py: sizes against the model, steps, image, the output folder)."""
+        `on_step(i, t, latents)` sees every step's latents (with sequence parallel, this rank's latent
+        rows: `RowShard`, dim 3; the returned latents are whole). Every argument is checked before any
+        work (engine/check.py: sizes against the model, steps, image, the output folder)."""
         spec = check.sample_run(self.parts, image=image, num_frames=num_frames, height=height, width=width,
                                 num_steps=num_steps, guidance_scale=guidance_scale, use_dynamic_cfg=use_dynamic_cfg)
         if out and decode and self.leader:
             check.check_writable(os.path.dirname(os.path.abspath(out)), f"out={out!r}")
         num_frames, height, width = spec.frames, spec.height, spec.width
+        shard = self._row_shard(height // self.spatial)  # sequence parallel: this rank's latent rows (else None)
         guidance_scale, dynamic = spec.guidance, spec.dynamic_cfg
         sat, sched = self.parts.layout == "sat", self.parts.scheduler
         if sat:  # CogVideo's guider as resolved (the YAML's unless given)
@@ -135,6 +143,10 @@ class Engine:
             if self.dit.arch.ofs_dim is not None:
                 cond.ofs = torch.full((1,), 2.0, device=dev, dtype=dtype)
         latents = initial_noise(tuple(shape), gen, dev, dtype, None if sat else sched)
+        if shard is not None:  # sequence parallel: this rank's latent rows from here to the gather
+            latents = shard.take(latents)
+            if cond.image_latents is not None:
+                cond.image_latents = shard.take(cond.image_latents)
 
         bar = _bar(num_steps, progress and self.leader)
         last = [time.perf_counter()]
@@ -147,17 +159,22 @@ class Engine:
             if on_step is not None:
                 on_step(i, ts, lat)
 
-        guidance = Guidance(self.dit, cond, self.pair_group, self.pair_index)
+        guidance = Guidance(self.dit, cond, self.pair_group, self.pair_index, shard)
         if sat:
-            latents = sat_sampler.denoise(guidance, latents, num_steps, sched, gen, cfg_on, step)
+            latents = sat_sampler.denoise(guidance, latents, num_steps, sched, gen, cfg_on, step, shard)
         else:
-            latents = denoise(guidance, sched, latents, num_steps, guidance_scale, dynamic, gen, step)
+            latents = denoise(guidance, sched, latents, num_steps, guidance_scale, dynamic, gen, step, shard)
         bar.close()
+        if shard is not None:  # the SP group's rows joined, once, on every rank of it
+            latents = shard.gather(latents)
         frames = None
-        if decode and self.leader:
-            pause_point("decode", self.rt.rank)
+        if decode:  # the whole work group decodes (its tiles dealt out); the leader blends and gets the frames
+            if self.leader:
+                pause_point("decode", self.rt.rank)
             t = time.perf_counter()
-            frames = video.decode(self.vae, latents[:, extra:])[0]
+            frames = video.decode(self.vae, latents[:, extra:], WorkGroup.of(self.rt, self.pair_group, self.pair_index))
+        if frames is not None:
+            frames = frames[0]
             rec.seconds_decode = round(time.perf_counter() - t, 4)
             _say(progress, f"decoded {frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]} in "
                            f"{rec.seconds_decode:.1f}s")
@@ -166,6 +183,18 @@ class Engine:
         if self.leader:
             self.report.runs.append(rec)
         return frames, latents
+
+    def _row_shard(self, height: int) -> Optional[RowShard]:
+        """Sequence parallel: this rank's latent rows of a latent `height` rows high (the DiT's split);
+        None at sp = 1. Every SP rank needs a whole token row."""
+        sp = self.rt.mesh.sp
+        if sp == 1:
+            return None
+        rows = height // self.dit.arch.patch[1]
+        if rows < sp:
+            raise ConfigError(f"--sp {sp} splits the latent's {rows} token rows (latent height {height} / patch "
+                              f"{self.dit.arch.patch[1]}); use --sp {rows} or less, or a taller video")
+        return RowShard(tuple(self.dit.latent_rows(height)), self.rt.sp_rank, height, self.sp_group)
 
     # -- the end -------------------------------------------------------------------------------------
 
@@ -206,26 +235,33 @@ def _bar(total: int, show: bool):
     return tqdm(total=total, desc="denoise", unit="step")
 
 
-def load_engine(path_or_config: str | Sequence[str], tp: Optional[int] = None, *, dtype: Optional[str] = None,
-                device: Optional[str] = None, report: Optional[str] = None, timeout_s: Optional[float] = None,
-                runtime_timeout_s: Optional[float] = None, cfg_parallel: bool = True, vae_tiling: Optional[dict] = None,
-                staging_mib: Optional[int] = None) -> Engine:
+def load_engine(path_or_config: str | Sequence[str], tp: Optional[int] = None, *, sp: Optional[int] = None,
+                dtype: Optional[str] = None, device: Optional[str] = None, report: Optional[str] = None,
+                timeout_s: Optional[float] = None, runtime_timeout_s: Optional[float] = None, cfg_parallel: bool = True,
+                vae_tiling: Optional[dict] = None, staging_mib: Optional[int] = None) -> Engine:
     """Load every component of a CogVideoX release on every rank of the job (see module docstring).
 
-    `path_or_config`: a diffusers pipeline folder, or CogVideo SAT YAML file(s). `cfg_parallel`: with
-    an even number of DP replicas, pair them for CFG (world = 2 x tp: one pair). `vae_tiling`:
+    `path_or_config`: a diffusers pipeline folder, or CogVideo SAT YAML file(s). `sp`: sequence
+    parallel (Ulysses) size: each replica is tp x sp ranks, the video tokens split over the sp ranks
+    inside each TP rank's heads (must divide num_attention_heads / tp; default 1). `cfg_parallel`: with
+    an even number of replicas, pair them for CFG (world = 2 x tp x sp: one pair). `vae_tiling`:
     `AutoencoderKLCogVideoX.enable_tiling` arguments (default: diffusers' tile sizes)."""
     t0 = time.perf_counter()
     common = {"tp": tp, "dtype": dtype, "device": device, "timeout_s": timeout_s, "staging_mib": staging_mib,
               "runtime_timeout_s": runtime_timeout_s}
     parts = components_for(path_or_config, common)
-    tokenizer = load_tokenizer(parts.tokenizer)  # before the group forms: a bad folder fails every rank alike
+    sp = 1 if sp is None else int(sp)
     first = parts.models["transformer"]
-    rt = C.setup(detect_launch(timeout_s=first.timeout_s), first.tp, first.device, first.timeout_s,
-                 cfg_parallel=cfg_parallel, runtime_timeout_s=first.runtime_timeout_s)
+    launch = detect_launch(timeout_s=first.timeout_s)
+    check.check_sp(parts, sp, launch.world_size, cfg_parallel)  # before anything is loaded, on every rank alike
+    tokenizer = load_tokenizer(parts.tokenizer)  # before the group forms: a bad folder fails every rank alike
+    rt = C.setup(launch, first.tp, first.device, first.timeout_s, cfg_parallel=cfg_parallel,
+                 runtime_timeout_s=first.runtime_timeout_s, sp=sp)
     try:
         loaded = load_components(rt, list(parts.models.values()), t0, names=list(parts.models))
         models = {name: model for name, (model, _) in zip(parts.models, loaded)}
+        if sp > 1:  # the SP group made by setup with the other groups, inside the load's bound
+            models["transformer"].set_sequence_parallel(sp, rt.sp_rank, rt.sp_group)
         tiled = video.enable_bounded_decode(models["vae"], vae_tiling)
         pair = rt.cfg_group  # made by setup with the other groups, inside the load's bound
         C.enter_runtime(rt)  # sampling is bounded by --runtime-timeout, not the load's --timeout
@@ -235,7 +271,7 @@ def load_engine(path_or_config: str | Sequence[str], tp: Optional[int] = None, *
     keep_runtime(rt)
     rep = EngineReport(parts.layout, parts.root, rt.world_size, rt.tp, rt.mesh.dp, pair is not None,
                        round(time.perf_counter() - t0, 4), {n: r for n, (_, r) in zip(parts.models, loaded)},
-                       vae_tiling=tiled)
+                       vae_tiling=tiled, sp=rt.mesh.sp)
     engine = Engine(rt, parts, models, rep, pair, tokenizer)
     if report and rt.rank == 0:
         rep.write(report)

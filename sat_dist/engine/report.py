@@ -62,6 +62,7 @@ class EngineReport:
     runs: list = field(default_factory=list)  # RunRecord (each group's leader's; gathered by finish)
     ranks: list = field(default_factory=list)  # per rank: rank, device, peak_device_bytes, peak_rss_bytes
     status: str = "ok"
+    sp: int = 1  # sequence parallel size (each replica: tp x sp ranks)
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k not in ("components", "runs")}
@@ -84,5 +85,6 @@ class EngineReport:
                 lines.append(f"{name:<13} {r.rank:>4} {r.tp_rank:>3} {r.dp_rank:>3} {r.bytes_read / MIB:9.1f} "
                              f"{r.bytes_needed / MIB:9.1f} {r.seconds:7.2f}")
         lines.append(f"engine loaded on {self.world_size} ranks (tp={self.tp} x dp={self.dp}"
+                     f"{f', sp={self.sp}' if self.sp > 1 else ''}"
                      f"{', CFG parallel' if self.cfg_parallel else ''}) in {self.seconds_load:.2f}s, eval agreed")
         return "\n".join(lines)

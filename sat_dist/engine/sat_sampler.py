@@ -19,6 +19,8 @@ sampler differs from diffusers' pipelines in four ways, and here CogVideo is fol
 
 The last step returns the denoised x0 directly (`idx == 1`). Noise comes from the engine's seeded CPU
 generator (SAT draws from the global torch RNG), two draws per step after the first, as SAT does.
+With sequence parallel (`shard`) the state is this rank's latent rows; each draw is the whole latent's
+noise, of which the rank keeps its rows, so the numbers are those of sp = 1.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .sampler import Guidance, StepCallback
+from .sampler import Guidance, RowShard, StepCallback
 
 
 def schedule(cfg: dict, steps: int) -> tuple[torch.Tensor, list[int]]:
@@ -54,14 +56,18 @@ def guidance_scale(cfg: dict, steps: int, t: int) -> float:
 
 
 def denoise(guidance: Guidance, latents: torch.Tensor, steps: int, cfg: dict, generator: torch.Generator,
-            guided: bool = True, on_step: Optional[StepCallback] = None) -> torch.Tensor:
-    """VPSDEDPMPP2MSampler.__call__ from `latents` (pure noise, float32)."""
+            guided: bool = True, on_step: Optional[StepCallback] = None,
+            shard: Optional[RowShard] = None) -> torch.Tensor:
+    """VPSDEDPMPP2MSampler.__call__ from `latents` (pure noise, float32; with `shard`, this rank's rows,
+    as are the result and what `on_step` sees)."""
     alphas, ts = schedule(cfg, steps)
     alphas = alphas.to(latents.device)
     x, old = latents.float(), None
+    shape = x.shape if shard is None else (*x.shape[:3], shard.height, *x.shape[4:])
 
     def noise() -> torch.Tensor:
-        return torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        z = torch.randn(shape, generator=generator, dtype=x.dtype)
+        return (z if shard is None else shard.take(z)).to(x.device)
 
     with torch.no_grad():
         for i in range(steps):

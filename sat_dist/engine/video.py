@@ -4,7 +4,8 @@ As huggingface/diffusers src/diffusers/pipelines/cogvideo/pipeline_cogvideox_ima
 (`prepare_latents`) and pipeline_cogvideox.py (`decode_latents`, `VideoProcessor.postprocess_video`);
 the mp4 is written as diffusers' `export_to_video` does with imageio-ffmpeg (`fps` frames per second,
 uint8 frames). The VAE decodes with diffusers' tiling and slicing on (`enable_tiling`,
-`enable_slicing`), so decode memory is bounded by a tile, not by the video size.
+`enable_slicing`), so decode memory is bounded by a tile, not by the video size; given its work group,
+every rank decodes a share of the tiles and the leader blends them (engine/decode.py).
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from . import decode as tile_decode
+from .decode import WorkGroup
 
 
 def processor(vae: nn.Module):
@@ -88,12 +91,22 @@ def image_latents(vae: nn.Module, image: Any, height: int, width: int, latent_fr
     return lat
 
 
-def decode(vae: nn.Module, latents: torch.Tensor) -> np.ndarray:
-    """[B, T, C, H, W] latents -> [B, F, H, W, 3] float frames in [0, 1] (the pipelines' output_type="np")."""
-    z = latents.permute(0, 2, 1, 3, 4) / vae.config.scaling_factor
+def decode(vae: nn.Module, latents: torch.Tensor, group: Optional[WorkGroup] = None) -> Optional[np.ndarray]:
+    """[B, T, C, H, W] latents -> [B, F, H, W, 3] float frames in [0, 1] (the pipelines' output_type="np").
+
+    `group` (every rank of a work group calls it, with the same latents): the group decodes diffusers'
+    tiles together and its leader gets the frames, None elsewhere (engine/decode.py); when the decode
+    would not be tiled (tiling off, one tile, several videos) or the group is one rank, the leader
+    decodes alone as without a group."""
+    z = (latents.permute(0, 2, 1, 3, 4) / vae.config.scaling_factor).to(vae.dtype)
     with torch.no_grad():
-        video = vae.decode(z.to(vae.dtype)).sample
-    return processor(vae).postprocess_video(video=video, output_type="np")
+        if tile_decode.splits(vae, z, group):
+            video = tile_decode.tiled_decode(vae, z, group)
+        elif group is None or group.leader:
+            video = vae.decode(z).sample
+        else:
+            video = None
+    return None if video is None else processor(vae).postprocess_video(video=video, output_type="np")
 
 
 def write_mp4(frames: np.ndarray, path: str, fps: int) -> str:

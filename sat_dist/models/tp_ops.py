@@ -1,5 +1,6 @@
-"""Tensor-parallel forward collectives (SAT's mpu mappings, inference only: no backward), next to
-the layers that call them. Load-time collectives live in `sat_dist.collectives`."""
+"""Tensor-parallel forward collectives (SAT's mpu mappings, inference only: no backward) and the
+sequence-parallel (Ulysses) all-to-all, next to the layers that call them. Load-time and engine
+collectives live in `sat_dist.collectives`."""
 from __future__ import annotations
 
 import torch
@@ -28,3 +29,14 @@ def gather_last_dim_from_tp(x: torch.Tensor, group) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(n)]
     dist.all_gather(parts, x, group=group)
     return torch.cat(parts, dim=-1)
+
+
+def all_to_all(x: torch.Tensor, out_sizes: list[int], in_sizes: list[int], group) -> torch.Tensor:
+    """One all-to-all over `group` of the flat `x`: its first `in_sizes[0]` elements to the group's
+    rank 0, the next `in_sizes[1]` to rank 1, ...; returns what rank i sent here (`out_sizes[i]`
+    elements each), concatenated in group order. Uneven sizes allowed (the Ulysses exchange of a video
+    whose token rows do not divide by the SP size; models/cogvideox/sequence.py)."""
+    x = x.contiguous()
+    out = x.new_empty(sum(out_sizes))
+    dist.all_to_all_single(out, x, out_sizes, in_sizes, group=group)
+    return out

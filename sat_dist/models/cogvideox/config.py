@@ -267,3 +267,14 @@ class DiTConfig:
     def check_tp(self, tp: int) -> None:
         """TP must divide the heads and the MLP width; say which sizes work before any byte is read."""
         check_tp_divides(tp, {"num_attention_heads": self.arch.heads, "MLP width": self.arch.ffn})
+
+    def check_sp(self, tp: int, sp: int) -> None:
+        """Sequence parallel (Ulysses) splits each TP rank's heads: SP must divide heads / TP; say which
+        sizes work before any byte is read."""
+        self.check_tp(tp)
+        local = self.arch.heads // tp
+        ok = [n for n in range(1, local + 1) if local % n == 0]
+        if sp < 1 or local % sp:
+            raise ConfigError(f"SP={sp} does not divide the {local} attention heads of a TP rank "
+                              f"(num_attention_heads={self.arch.heads} / TP={tp}); SP sizes that work at TP={tp}: "
+                              f"{ok}")

@@ -23,6 +23,7 @@ from ..layers import TPInfo
 from .config import DiTConfig
 from .modules import (AdaLN, Basic3DPositionEmbedding, DiTTransformer, FinalLayer, ImagePatchEmbedding,
                       Rotary3DPositionEmbedding, SwiGLU, time_mlp)
+from .sequence import SeqShard, SPInfo, split_rows
 from .tables import timestep_embedding
 
 CHECKPOINT_PREFIX = "model.diffusion_model."  # the DiT's keys inside a CogVideo SAT checkpoint
@@ -30,7 +31,11 @@ CHECKPOINT_PREFIX = "model.diffusion_model."  # the DiT's keys inside a CogVideo
 
 class CogVideoXDiT(nn.Module):
     """SAT `DiffusionTransformer`: `forward(x, timesteps, context, ofs=..., concat_images=...)`
-    returns the predicted latents [B, T, out_channels, H, W], TP collectives inside."""
+    returns the predicted latents [B, T, out_channels, H, W], TP collectives inside.
+
+    Sequence parallel (`set_sequence_parallel`, Ulysses; models/cogvideox/sequence.py): `x`,
+    `concat_images` and the output hold this rank's latent rows `latent_rows(height)[sp.rank]` of
+    a latent `height` rows high; the text (`context`) is whole on every rank."""
 
     checkpoint_prefix = CHECKPOINT_PREFIX
 
@@ -51,8 +56,24 @@ class CogVideoXDiT(nn.Module):
         self.mixins["final_layer"] = FinalLayer(a, dtype, tp)
         if a.swiglu:
             self.mixins["swiglu"] = SwiGLU(a, tp, dtype)
+        self.sp = SPInfo()
         self.requires_grad_(False)
         self.register_load_state_dict_pre_hook(_fill_absent)
+
+    def set_sequence_parallel(self, size: int, rank: int = 0, group=None) -> None:
+        """Split the video tokens of every forward over an SP group of `size` ranks (this one is `rank`),
+        all holding the same TP shard; `size` must divide this TP rank's heads."""
+        heads = self.arch.heads // self.tp.size
+        if size < 1 or heads % size:
+            raise ValueError(f"sequence parallel size {size} does not divide the {heads} attention heads of a "
+                             f"TP rank ({self.arch.heads} heads / TP {self.tp.size})")
+        self.sp = SPInfo(size, rank, group)
+
+    def latent_rows(self, height: int) -> list[tuple[int, int]]:
+        """[start, stop) latent rows of each SP rank for a latent `height` rows high (whole token rows:
+        multiples of the patch height, split as sequence.split_rows does)."""
+        ph = self.arch.patch[1]
+        return [(a * ph, b * ph) for a, b in split_rows(height // ph, self.sp.size)]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -71,7 +92,9 @@ class CogVideoXDiT(nn.Module):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y=None,
                 concat_images: Optional[torch.Tensor] = None, ofs: Optional[torch.Tensor] = None,
-                **_unused) -> torch.Tensor:
+                height: Optional[int] = None, **_unused) -> torch.Tensor:
+        """`height`: with sequence parallel, the whole latent's height (`x` holds this rank's rows of it;
+        default: the 1.0 DiT's configured height; the 1.5 DiT needs it)."""
         a, dtype = self.arch, self.dtype
         if y is not None:
             raise ValueError("y (class conditioning) is not used by CogVideoX (num_classes is None)")
@@ -85,9 +108,24 @@ class CogVideoXDiT(nn.Module):
             raise ValueError(f"latents have {c} channels (after concat_images) but the DiT takes in_channels="
                              f"{a.in_channels}; I2V models need concat_images")
         pt, ph, pw = a.patch
+        local_h = h
+        if self.sp.size > 1:  # x holds this rank's rows of a latent `height` rows high
+            if height is None:
+                if not a.v1:
+                    raise ValueError("sequence parallel: pass height= (the whole latent's height; x holds this "
+                                     "rank's rows of it)")
+                height = a.grid[1] * ph
+            h = height
         if t % pt or h % ph or w % pw:
             raise ValueError(f"latent (T, H, W)=({t}, {h}, {w}) is not divisible by patch_size {a.patch}")
         thw = (t // pt, h // ph, w // pw)
+        seq = None
+        if self.sp.size > 1:
+            seq = SeqShard.of(self.sp, thw)
+            start, stop = seq.rows[self.sp.rank]
+            if local_h != (stop - start) * ph:
+                raise ValueError(f"sequence parallel rank {self.sp.rank} of {self.sp.size}: x has {local_h} latent "
+                                 f"rows; its share of a latent {h} rows high is rows {start * ph}:{stop * ph}")
         if a.v1 and (thw[1:] != a.grid[1:] or thw[0] > a.grid[0]):
             raise ValueError(f"the CogVideoX 1.0 DiT runs only at its configured latent size "
                              f"{a.grid[1] * ph}x{a.grid[2] * pw} with at most {a.grid[0]} latent frames (got "
@@ -105,9 +143,12 @@ class CogVideoXDiT(nn.Module):
         context = context.to(dtype)
         text_length = context.shape[1]
 
-        hidden = self.mixins["patch_embed"](x, context, thw)
+        local_thw = thw if seq is None else seq.local_thw
+        hidden = self.mixins["patch_embed"](x, context, local_thw)
         pos = self.mixins["pos_embed"].position(t, seq_length, text_length)
         if pos is not None:
+            if seq is not None:  # the text's rows, then this rank's tokens' rows
+                pos = torch.cat((pos[:, :text_length], seq.take(pos[:, text_length:], 1)), dim=1)
             hidden = hidden + pos
         rope = None
         if a.pos == "rotary3d":
@@ -117,10 +158,12 @@ class CogVideoXDiT(nn.Module):
                 raise ValueError(f"context has {text_length} tokens but the CogVideoX 1.0 rotary mixin splits at "
                                  f"text_length={a.text_length}; pad the T5 embeddings to {a.text_length}")
             cos, sin = self.mixins["pos_embed"].tables(thw, x.device, dtype)
+            if seq is not None:
+                cos, sin = seq.take(cos, 2), seq.take(sin, 2)
             rope = (split, cos, sin)
         hidden = self.transformer(hidden, text_length, emb, self.mixins["adaln_layer"],
-                                  self.mixins["swiglu"] if a.swiglu else None, rope)
-        return self._final(hidden, emb, text_length, thw)
+                                  self.mixins["swiglu"] if a.swiglu else None, rope, seq)
+        return self._final(hidden, emb, text_length, local_thw)
 
     def _final(self, hidden: torch.Tensor, emb: torch.Tensor, text_length: int,
                thw: tuple[int, int, int]) -> torch.Tensor:

@@ -19,6 +19,7 @@ from ...placement import REPLICATED, TensorSpec
 from ..layers import (ColumnParallelLinear, Embedding, GatheredColumnLinear, LayerNorm, RowParallelLinear,
                       ScatteredRowLinear, TPInfo)
 from .config import DiTArch
+from .sequence import SeqShard, ulysses_attention
 from .tables import modulate, rope_freqs_3d, rope_video, sincos_3d
 
 # (text/video split, cos, sin) for Rotary3D, or None
@@ -54,9 +55,12 @@ class DiTAttention(nn.Module):
         self.query_key_value = ColumnParallelLinear(a.hidden, 3 * inner, tp, a.use_bias or a.qkv_bias, (1, 1, 1), dtype)
         self.dense = RowParallelLinear(inner, a.hidden, tp, a.use_bias, dtype)
 
-    def forward(self, x: torch.Tensor, qk_norm: QKNorm, rope: Rope) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, qk_norm: QKNorm, rope: Rope, seq: Optional[SeqShard] = None,
+                text_length: int = 0) -> torch.Tensor:
         """This rank's heads: AdaLN's per-head q/k LayerNorm, then RoPE on video tokens, full
-        attention; the row-parallel dense all-reduces the heads' partial outputs."""
+        attention; the row-parallel dense all-reduces the heads' partial outputs. With `seq` (sequence
+        parallel), `x` is the text and this rank's video tokens and the attention runs over every
+        rank's tokens (sequence.ulysses_attention)."""
         a = self.arch
         b, s, _ = x.shape
         q, k, v = self.query_key_value(x).chunk(3, dim=-1)
@@ -66,7 +70,10 @@ class DiTAttention(nn.Module):
             q, k = rope_video(q, *rope), rope_video(k, *rope)
             if a.rot_v:
                 v = rope_video(v, *rope)
-        ctx = F.scaled_dot_product_attention(q, k, v)
+        if seq is not None and seq.sp.size > 1:
+            ctx = ulysses_attention(q, k, v, text_length, seq)
+        else:
+            ctx = F.scaled_dot_product_attention(q, k, v)
         return self.dense(ctx.permute(0, 2, 1, 3).reshape(b, s, -1))
 
 
@@ -102,8 +109,9 @@ class DiTLayer(nn.Module):
         self.mlp = DiTMLP(a, tp, dtype)
 
     def forward(self, hidden: torch.Tensor, text_length: int, mods: tuple[torch.Tensor, ...], qk_norm: QKNorm,
-                rope: Rope, gate: Optional[nn.Module]) -> torch.Tensor:
-        """`mods`: this layer's 12 AdaLN chunks (AdaLN.modulations)."""
+                rope: Rope, gate: Optional[nn.Module], seq: Optional[SeqShard] = None) -> torch.Tensor:
+        """`mods`: this layer's 12 AdaLN chunks (AdaLN.modulations). `seq`: the video tokens' split
+        (sequence parallel): `hidden` holds the text and this rank's tokens; only the attention mixes them."""
         sandwich = self.arch.ln_order == "sandwich"
         (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp,
          t_shift_msa, t_scale_msa, t_gate_msa, t_shift_mlp, t_scale_mlp, t_gate_mlp) = mods
@@ -111,7 +119,7 @@ class DiTLayer(nn.Module):
 
         attn_in = torch.cat((modulate(self.input_layernorm(text), t_shift_msa, t_scale_msa),
                              modulate(self.input_layernorm(img), shift_msa, scale_msa)), dim=1)
-        attn_out = self.attention(attn_in, qk_norm, rope)
+        attn_out = self.attention(attn_in, qk_norm, rope, seq, text_length)
         text_out, img_out = attn_out[:, :text_length], attn_out[:, text_length:]
         if sandwich:
             text_out, img_out = self.third_layernorm(text_out), self.third_layernorm(img_out)
@@ -146,13 +154,13 @@ class DiTTransformer(nn.Module):
             self.final_layernorm = LayerNorm(a.hidden, eps=a.ln_eps, elementwise_affine=a.affine, dtype=dtype)
 
     def forward(self, hidden: torch.Tensor, text_length: int, emb: torch.Tensor, adaln: AdaLN,
-                swiglu: Optional[SwiGLU], rope: Rope) -> torch.Tensor:
+                swiglu: Optional[SwiGLU], rope: Rope, seq: Optional[SeqShard] = None) -> torch.Tensor:
         """The layers with the mixins' per-layer parameters (SAT's layer_forward hook), then the
         final LayerNorm."""
         for i, layer in enumerate(self.layers):
             gate = None if swiglu is None else swiglu.w2[i]
             hidden = layer(hidden, text_length, adaln.modulations(i, emb), functools.partial(adaln.qk_norm, i),
-                           rope, gate)
+                           rope, gate, seq)
         if self.arch.final_ln:
             hidden = self.final_layernorm(hidden)
         return hidden
