@@ -34,6 +34,17 @@ bench: $(STAMP)
 	$(VENV)/bin/sat-dist bench $$(sed -n 2p .cache/bench/paths) --world 4 --tp 4 $(BENCH_ARGS) --json .cache/bench/safetensors.json
 	$(VENV)/bin/sat-dist bench $$(sed -n 1p .cache/bench/paths) --world 4 --tp 2 --methods limit sat_dist $(BENCH_ARGS) --json .cache/bench/tp2dp2.json
 
+# bench-sample : `sat-dist bench-sample` on a tiny random-weight 5B-style pipeline (12 heads, 4 layers, 17x128x192;
+# written once into $(BENCH_SAMPLE_DIR)), 4 CPU ranks: TP 4 vs SP 4 vs TP 2 x SP 2 vs TP 2 x CFG parallel, one
+# warm-up then BENCH_SAMPLE_ARGS (--steps 4 --repeat 2) timed samples each; ratios against TP 4. Results in .cache/bench/.
+BENCH_SAMPLE_DIR  ?= /tmp/sat_dist_bench_sample
+BENCH_SAMPLE_ARGS ?= --steps 4 --repeat 2
+.PHONY: bench-sample
+bench-sample: $(STAMP)
+	mkdir -p .cache/bench
+	OMP_NUM_THREADS=1 $(VENV)/bin/sat-dist bench-sample $(BENCH_SAMPLE_DIR)/tiny-5b --tiny 5b --world 4 \
+	  --layouts 4,1,off 1,4,off 2,2,off 2,1,on $(BENCH_SAMPLE_ARGS) --json .cache/bench/sample.json
+
 # bench-gpu : on a machine with GPUs, TP 1/2/4 (as many as it has, one rank per GPU): sat_dist onto
 # cuda:LOCAL_RANK beside the pinned `copy_` H2D ceiling (`h2d`; compare the GiB/s column) and the
 # storage limit; then, with 2+ GPUs, TP=1 x DP=2 with the exchange off and on. Results in .cache/bench/.

@@ -216,3 +216,97 @@ def engine_plan(config_files: Sequence[str], tps: Sequence[int], dtype: Optional
         out.rows.append({"tp": tp, "valid": True, "reason": None, "weights": weights, "activations": acts,
                          "device_bytes": known})
     return out
+
+
+# --- `plan --engine --gpus N`: every (tp, sp, cfg) layout, its memory and its bytes per step -------------
+
+def parse_bytes(text: str) -> int:
+    """'24GiB', '80GB', '512MiB', or a plain byte count."""
+    units = {"gib": 1 << 30, "gb": 10 ** 9, "mib": 1 << 20, "mb": 10 ** 6, "tib": 1 << 40, "": 1}
+    t = text.strip().lower()
+    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = t[len(num):]
+    if unit not in units or not num:
+        raise ConfigError(f"--gpu-memory {text!r}: give a size such as 24GiB, 80GB or 512MiB")
+    return int(float(num) * units[unit])
+
+
+def engine_layouts(config_files: Sequence[str], gpus: int, dtype: Optional[str] = None,
+                   overrides: Sequence[str] = (), gpu_memory: Optional[int] = None,
+                   latent: Optional[Latent] = None, checkpoint: Optional[str] = None) -> list[dict]:
+    """Every valid (tp, sp, cfg) layout for `gpus` GPUs (engine/comm.py `valid_layouts`) with its weights
+    and peak activations per rank (`engine_plan`'s, at its tp), the bytes each rank sends per step by
+    kind (engine/comm.py, the largest SP rank's; the counts' convention) and whether it fits `gpu_memory`."""
+    from .engine.capacity import engine_configs, sample_latent
+    from .engine.comm import max_over_ranks, step_total, valid_layouts
+
+    if checkpoint:
+        from .engine.layout import components_for
+
+        parts = components_for(checkpoint, {"dtype": dtype})
+        dit, t5 = parts.models["transformer"], parts.models["text_encoder"].model
+        length = parts.max_text_length or dit.model.arch.text_length
+        dt = dit.torch_dtype or stored_dtype(dit.checkpoint) or torch.float32
+    else:
+        dit, t5, _, length = engine_configs(config_files, overrides, dtype)
+        dt = dit.torch_dtype or torch.float32
+    a = dit.model.arch
+    lat = sample_latent(dit.model, latent)
+    if lat is None:
+        raise ConfigError("plan --engine --gpus: the sample size is unknown for this DiT; pass --latent T H W")
+    token_rows = lat[1] // a.patch[1]
+    layouts = valid_layouts(a, gpus, token_rows, t5)
+    tps = sorted({l.tp for l in layouts})
+    plan = engine_plan(config_files, tps, dtype, overrides, latent=latent, checkpoint=checkpoint)
+    mem = {r["tp"]: r for r in plan.rows}
+    frames = lat[0] + (-lat[0]) % a.patch[0]
+    out = []
+    for l in layouts:
+        r = mem[l.tp]
+        if not r["valid"]:
+            continue
+        run = max_over_ranks(a, t5, l, text=length, latent=(frames, lat[1], lat[2]), channels=a.in_channels,
+                             dit_item=dt.itemsize, t5_item=dt.itemsize, latent_item=dt.itemsize)
+        dev = r["device_bytes"]
+        out.append({"layout": l.name(), "tp": l.tp, "sp": l.sp, "cfg": l.cfg, "dp": gpus // l.ranks,
+                    "weights": sum(r["weights"].values()), "activations": r["activations"], "device_bytes": dev,
+                    "per_step": run["per_step"], "bytes_per_step": step_total(run), "encode": run["encode"],
+                    "fits": None if gpu_memory is None or dev is None else dev <= gpu_memory})
+    return out
+
+
+def layouts_table(rows: list[dict], gpus: int, gpu_memory: Optional[int]) -> str:
+    mib = 1 << 20
+    lines = [f"{gpus} GPUs: every valid (tp, sp, cfg) layout; bytes sent per step per rank (sat_dist/commcount.py "
+             f"convention, the largest SP rank)",
+             f"{'layout':<14} {'dp':>3} {'weights':>9} {'est.dev':>9} {'tp MiB':>9} {'sp MiB':>9} {'cfg MiB':>8} "
+             f"{'total MiB':>10} {'fits':>5}"]
+    for r in rows:
+        s = r["per_step"]
+        dev = "n/a" if r["device_bytes"] is None else f"{r['device_bytes'] / GIB:.2f}G"
+        fits = "-" if r["fits"] is None else ("yes" if r["fits"] else "no")
+        lines.append(f"{r['layout']:<14} {r['dp']:>3} {r['weights'] / GIB:>8.2f}G {dev:>9} {s['tp'] / mib:>9.1f} "
+                     f"{s['sp'] / mib:>9.1f} {s['cfg'] / mib:>8.1f} {r['bytes_per_step'] / mib:>10.1f} {fits:>5}")
+    if gpu_memory is None:
+        lines.append("fits: pass --gpu-memory (e.g. 80GiB)")
+    return "\n".join(lines)
+
+
+def auto_layout(model: Optional[str], config_files: Sequence[str], world: int, prompts: int,
+                dtype: Optional[str] = None, gpu_memory: Optional[str] = None,
+                latent: Optional[Latent] = None) -> dict:
+    """`sample --layout auto`'s choice for `world` GPUs (engine/comm.py `choose`): among the layouts
+    that fit `gpu_memory` and whose work groups the prompts can keep busy (one prompt: the whole world
+    works on it), the fewest bytes sent per step per rank; ties: fewer ranks per work group, smaller
+    tp, then smaller sp. ConfigError naming every layout's memory when none fits."""
+    from .engine.comm import choose
+
+    memory = parse_bytes(gpu_memory) if gpu_memory else None
+    rows = engine_layouts(config_files, world, dtype, gpu_memory=memory, latent=latent, checkpoint=model)
+    usable = [r for r in rows if r["dp"] <= max(1, prompts)]
+    best = choose([{**r, "fits": r["fits"] is not False} for r in usable])
+    if best is None:
+        need = ", ".join(f"{r['layout']} ({r['device_bytes'] / GIB:.1f} GiB)" for r in rows
+                         if r["device_bytes"] is not None)
+        raise ConfigError(f"--layout auto: no layout of {world} GPUs fits --gpu-memory {gpu_memory}: {need}")
+    return best

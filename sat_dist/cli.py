@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
     plan.add_argument("--engine", action="store_true",
                       help="CogVideoX: the whole engine per rank (DiT and T5 at TP, the VAE replicated)")
+    plan.add_argument("--gpus", type=int, default=None,
+                      help="with --engine: every valid (tp, sp, cfg) layout for N GPUs, its memory and bytes sent per step")
+    plan.add_argument("--gpu-memory", default=None, help="with --gpus: the memory of one GPU (e.g. 80GiB): which fit")
     plan.set_defaults(overrides=[])
     _add_convert_parser(sub)
     from .engine.command import add_arguments as add_sample_arguments
@@ -85,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_parser as add_bench_parser
 
     add_bench_parser(sub)
+    from .bench.sample import add_parser as add_bench_sample_parser
+
+    add_bench_sample_parser(sub)
     return parser
 
 
@@ -131,6 +137,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.path and not os.path.exists(args.path):
         raise CheckpointError(f"sat-dist plan {args.path}: no such file or folder (a checkpoint, a diffusers or HF "
                               f"folder, a .safetensors file, or with --engine a CogVideoX pipeline folder)")
+    if args.gpus is not None:
+        from .capacity import engine_layouts, layouts_table, parse_bytes
+
+        if not args.engine or args.gpus < 1:
+            raise ConfigError("--gpus N (N >= 1) plans the CogVideoX engine's layouts: pass --engine too")
+        memory = parse_bytes(args.gpu_memory) if args.gpu_memory else None
+        rows = engine_layouts(args.config, args.gpus, args.dtype, args.overrides, memory,
+                              tuple(args.latent) if args.latent else None, checkpoint=args.path)
+        print(json.dumps(rows, indent=2) if args.json else layouts_table(rows, args.gpus, memory), flush=True)
+        return 0
     result = (engine_plan if args.engine else capacity_plan)(args.config, args.tp, args.dtype, args.overrides, args.batch,
                                                                tuple(args.latent) if args.latent else None,
                                                                checkpoint=args.path)
@@ -294,15 +310,43 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return cmd_bench(args)
 
 
+def _cmd_bench_sample(args: argparse.Namespace) -> int:
+    from .bench.sample import cmd_bench_sample
+
+    return cmd_bench_sample(args)
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     from .engine.command import run
 
+    if args.layout == "auto":
+        _auto_layout(args)
     return run(args)
+
+
+def _auto_layout(args: argparse.Namespace) -> None:
+    """`sample --layout auto`: --tp/--sp/--no-cfg-parallel from `capacity.auto_layout`, before any load."""
+    from .capacity import auto_layout
+    from .engine.check import read_prompts
+    from .launch import rank_and_world
+
+    if args.tp is not None or args.sp != 1 or args.no_cfg_parallel:
+        raise ConfigError("--layout auto chooses --tp, --sp and CFG parallel itself: drop them, or drop --layout")
+    rank, world = rank_and_world()
+    latent = ((args.frames - 1) // 4 + 1, args.height // 8, args.width // 8) \
+        if args.frames and args.height and args.width else None
+    best = auto_layout(args.model, args.config or [], world or 1, len(read_prompts(args.prompt, args.prompts)),
+                       args.dtype, args.gpu_memory, latent)
+    args.tp, args.sp, args.no_cfg_parallel = best["tp"], best["sp"], best["cfg"] == 1
+    if rank == 0:
+        print(f"--layout auto: {best['layout']} x DP {best['dp']} on {world or 1} ranks, "
+              f"{best['bytes_per_step'] / (1 << 20):.1f} MiB sent per step per rank", flush=True)
 
 
 # Subcommand -> handler; heavy modules (bench, engine) are imported only by their own command.
 _COMMANDS = {"env": cmd_env, "plan": cmd_plan, "inspect": cmd_inspect, "demo": cmd_demo, "convert": cmd_convert,
-             "bench": _cmd_bench, "sample": _cmd_sample, "manifest": cmd_manifest, "load": _cmd_load}
+             "bench": _cmd_bench, "bench-sample": _cmd_bench_sample, "sample": _cmd_sample, "manifest": cmd_manifest,
+             "load": _cmd_load}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -26,6 +26,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from . import commcount
 from .errors import ConfigError, GroupLoadError
 from .launch import LaunchInfo
 from . import groups as G
@@ -245,6 +246,7 @@ def all_gather_pair(x: torch.Tensor, group) -> torch.Tensor:
     """Both halves of a CFG pair stacked on a new dim 0, in pair order (lower DP rank first): one all-gather."""
     x = x.contiguous()
     out = torch.empty((2, *x.shape), dtype=x.dtype, device=x.device)
+    commcount.add("cfg", commcount.all_gather_bytes(x.numel() * x.element_size(), 2))
     if x.device.type == "cuda":
         dist.all_gather_into_tensor(out, x, group=group)
     else:  # gloo: a list of views into `out`
@@ -276,6 +278,7 @@ def all_gather_rows(x: torch.Tensor, sizes: list[int], dim: int, group) -> torch
     padded = x.new_zeros(shape)
     padded.narrow(dim, 0, x.shape[dim]).copy_(x)
     out = torch.empty((n, *shape), dtype=x.dtype, device=x.device)
+    commcount.add("sp", commcount.all_gather_bytes(padded.numel() * padded.element_size(), n))
     if x.device.type == "cuda":
         dist.all_gather_into_tensor(out, padded, group=group)
     else:  # gloo: a list of views into `out`
@@ -292,5 +295,7 @@ def gather_to_first(x: torch.Tensor, group) -> Optional[torch.Tensor]:
     first = dist.get_global_rank(group, 0)
     n = dist.get_world_size(group) if dist.get_rank() == first else 0
     out = torch.empty((n, *x.shape), dtype=x.dtype, device=x.device) if n else None
+    commcount.add("decode", commcount.gather_bytes(x.numel() * x.element_size(), dist.get_world_size(group),
+                                                   dist.get_rank() == first))
     dist.gather(x.contiguous(), list(out.unbind(0)) if n else None, dst=first, group=group)
     return out

@@ -83,20 +83,23 @@ def warm_cache(files: Sequence[str]) -> None:
 
 # --- orchestration ------------------------------------------------------------------------------------
 
-def _rank_entry(rank: int, world: int, port: int, args: tuple, results) -> None:
+def _rank_entry(rank: int, world: int, port: int, args: tuple, results, target: Optional[Callable] = None) -> None:
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     try:
-        results.put((rank, run_rank(rank, *args), None))
+        results.put((rank, (target or run_rank)(rank, *args), None))
     except BaseException as exc:  # reported, not raised: the parent prints it
         results.put((rank, None, f"{type(exc).__name__}: {exc}"))
 
 
-def start_ranks(world: int, args: tuple, timeout_s: float) -> list[tuple[Optional[dict], Optional[str]]]:
-    """Run `methods.run_rank(rank, *args)` on `world` fresh processes (env as torchrun sets it); returns
-    (value, error) per rank. They come from a fork server that has only imported torch and the bench's
-    modules: nothing the parent prepared (model builds, indexes) is inherited, as nothing is in a
-    user's new process, and no rank pays the interpreter's start inside its timing."""
+def start_ranks(world: int, args: tuple, timeout_s: float, target: Optional[Callable] = None,
+                preload: Sequence[str] = ("torch", "sat_dist.bench.methods"),
+                ) -> list[tuple[Optional[dict], Optional[str]]]:
+    """Run `methods.run_rank(rank, *args)` (or `target(rank, *args)`, a module-level function) on
+    `world` fresh processes (env as torchrun sets it); returns (value, error) per rank. They come from
+    a fork server that has only imported torch and the bench's modules (`preload`): nothing the parent
+    prepared (model builds, indexes) is inherited, as nothing is in a user's new process, and no rank
+    pays the interpreter's start inside its timing."""
     import multiprocessing as mp
     import socket
 
@@ -104,9 +107,9 @@ def start_ranks(world: int, args: tuple, timeout_s: float) -> list[tuple[Optiona
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "sat_dist.bench.methods"])
+    ctx.set_forkserver_preload(list(preload))
     results = ctx.Queue()
-    procs = [ctx.Process(target=_rank_entry, args=(r, world, port, args, results)) for r in range(world)]
+    procs = [ctx.Process(target=_rank_entry, args=(r, world, port, args, results, target)) for r in range(world)]
     for p in procs:
         p.start()
     out: dict[int, tuple] = {}

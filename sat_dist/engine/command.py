@@ -48,6 +48,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, default=None,
                    help="1.0 models: only their configured size (480x720); 1.5: a multiple of 16 (default 768)")
     p.add_argument("--width", type=int, default=None, help="as --height (1.5 default 1360)")
+    p.add_argument("--layout", choices=["auto"], default=None,
+                   help="auto: pick --tp/--sp/CFG parallel for this world from `sat-dist plan --engine --gpus`: "
+                        "the layout that fits --gpu-memory with the fewest bytes sent per step (see README)")
+    p.add_argument("--gpu-memory", default=None, metavar="SIZE", help="with --layout auto: memory per GPU, e.g. 24GiB")
     p.add_argument("--no-cfg-parallel", action="store_true",
                    help="with 2 x tp ranks or more, do not pair DP replicas for the two CFG passes")
     p.add_argument("--report", default=None, metavar="PATH", help="write the JSON run report here (rank 0)")

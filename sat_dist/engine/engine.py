@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .. import collectives as C
+from .. import commcount
 from ..errors import ConfigError
 from ..launch import detect_launch
 from ..loader import keep_runtime, load_components
@@ -47,6 +48,7 @@ class Engine:
         self.pair_index = replica % 2 if pair_group is not None else 0
         self.sp_group = rt.sp_group  # sequence parallel: this rank's SP group (None at sp = 1)
         self.leader = rt.tp_rank == 0 and rt.sp_rank == 0 and self.pair_index == 0
+        self.comm: list[dict] = []  # this rank's bytes sent per run, by phase and kind (RunRecord.comm_bytes)
 
     # -- sizes -------------------------------------------------------------------------------------
 
@@ -114,6 +116,7 @@ class Engine:
                         self.pair_group is not None, self.rt.rank, out=out)
         dev, cfg_on = self.rt.device, guidance_scale > 1.0
         t = time.perf_counter()
+        sent = commcount.snapshot()
         length = self.parts.max_text_length or self.dit.arch.text_length
         pos = encode_prompt(self.tokenizer, self.text_encoder, prompt, length, dev)
         neg = None
@@ -121,6 +124,7 @@ class Engine:
             neg = torch.zeros_like(pos) if sat else encode_prompt(self.tokenizer, self.text_encoder,
                                                                   negative_prompt, length, dev)
         rec.seconds_encode = round(time.perf_counter() - t, 4)
+        encode_bytes, sent = commcount.since(sent), commcount.snapshot()
         _say(progress and self.leader, f"encoded the prompt{' and the unconditional text' if cfg_on else ''} in "
                                        f"{rec.seconds_encode:.2f}s")
 
@@ -165,6 +169,7 @@ class Engine:
         else:
             latents = denoise(guidance, sched, latents, num_steps, guidance_scale, dynamic, gen, step, shard)
         bar.close()
+        step_bytes, sent = commcount.since(sent), commcount.snapshot()
         if shard is not None:  # the SP group's rows joined, once, on every rank of it
             latents = shard.gather(latents)
         frames = None
@@ -173,6 +178,10 @@ class Engine:
                 pause_point("decode", self.rt.rank)
             t = time.perf_counter()
             frames = video.decode(self.vae, latents[:, extra:], WorkGroup.of(self.rt, self.pair_group, self.pair_index))
+        rec.comm_bytes = {"rank": self.rt.rank, "encode": encode_bytes,
+                          "per_step": {k: v // max(num_steps, 1) for k, v in step_bytes.items()},
+                          "steps_total": step_bytes, "decode": commcount.since(sent)}
+        self.comm.append(rec.comm_bytes)
         if frames is not None:
             frames = frames[0]
             rec.seconds_decode = round(time.perf_counter() - t, 4)
@@ -199,9 +208,9 @@ class Engine:
     # -- the end -------------------------------------------------------------------------------------
 
     def finish(self, report: Optional[str] = None) -> EngineReport:
-        """Collective: gather every rank's peak memory and every leader's run records into rank 0's
-        report (written to `report` there)."""
-        mine = {"rank": self.rt.rank, "device": str(self.rt.device),
+        """Collective: gather every rank's peak memory, bytes sent per run (`comm_bytes`: RunRecord's,
+        each rank's own) and every leader's run records into rank 0's report (written to `report` there)."""
+        mine = {"rank": self.rt.rank, "device": str(self.rt.device), "comm_bytes": self.comm,
                 "peak_device_bytes": peak_device_bytes(self.rt.device),
                 "max_memory_reserved": max_reserved_bytes(self.rt.device), "runs": self.report.runs}
         gathered = C.all_gather_objects(mine, self.rt.ctrl_group)

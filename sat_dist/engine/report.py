@@ -46,6 +46,10 @@ class RunRecord:
     seconds_per_step: list = field(default_factory=list)
     seconds_decode: float = 0.0
     out: Optional[str] = None
+    # bytes this rank sent (sat_dist/commcount.py's convention), by kind tp|sp|cfg|decode: "encode" (T5),
+    # "per_step" (the denoising loop's total / steps), "steps_total", "decode" (the SP latents' gather and
+    # the decode's gathers); the leader's here, every rank's in EngineReport.ranks[i]["comm_bytes"]
+    comm_bytes: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -60,7 +64,7 @@ class EngineReport:
     components: dict  # name -> LoadReport
     vae_tiling: bool = True
     runs: list = field(default_factory=list)  # RunRecord (each group's leader's; gathered by finish)
-    ranks: list = field(default_factory=list)  # per rank: rank, device, peak_device_bytes, peak_rss_bytes
+    ranks: list = field(default_factory=list)  # per rank: rank, device, peak_device_bytes, max_memory_reserved, comm_bytes (per run)
     status: str = "ok"
     sp: int = 1  # sequence parallel size (each replica: tp x sp ranks)
 
