@@ -267,12 +267,22 @@ def engine_layouts(config_files: Sequence[str], gpus: int, dtype: Optional[str] 
             continue
         run = max_over_ranks(a, t5, l, text=length, latent=(frames, lat[1], lat[2]), channels=a.in_channels,
                              dit_item=dt.itemsize, t5_item=dt.itemsize, latent_item=dt.itemsize)
-        dev = r["device_bytes"]
+        acts = layout_activations(r["activations"], l.sp, l.cfg)
+        dev = None if None in acts.values() else sum(r["weights"].values()) + max(acts.values())
         out.append({"layout": l.name(), "tp": l.tp, "sp": l.sp, "cfg": l.cfg, "dp": gpus // l.ranks,
-                    "weights": sum(r["weights"].values()), "activations": r["activations"], "device_bytes": dev,
+                    "weights": sum(r["weights"].values()), "activations": acts, "device_bytes": dev,
                     "per_step": run["per_step"], "bytes_per_step": step_total(run), "encode": run["encode"],
                     "fits": None if gpu_memory is None or dev is None else dev <= gpu_memory})
     return out
+
+
+def layout_activations(acts: dict, sp: int, cfg: int) -> dict:
+    """A layout's peak activations per rank from the TP plan's (batch 2: both CFG passes; the whole
+    sequence): the denoising step's scale with the tokens a rank holds — 1/sp of the video tokens (after
+    Ulysses' all-to-all a rank holds the whole sequence for heads/sp, the same product), and half the
+    batch on a CFG pair. Encode (T5) and the decode (one tile per rank) do not change."""
+    denoise = acts.get("denoise")
+    return {**acts, "denoise": None if denoise is None else -(-denoise // (sp * cfg))}
 
 
 def layouts_table(rows: list[dict], gpus: int, gpu_memory: Optional[int]) -> str:

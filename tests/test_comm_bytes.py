@@ -111,3 +111,16 @@ def test_sample_layout_auto_picks_by_the_rule_before_loading(root, tmp_path):
     assert "no layout of 2 GPUs fits --gpu-memory 1MiB" in refused and "TP1xSP1xCFG2" in refused
     clash = values(run_ranks(2, _auto, base + ["--prompt", "a cat", "--tp", "2"]))[0]
     assert "--layout auto chooses --tp" in clash
+
+
+def test_layout_memory_divides_the_denoising_activations_by_sp_and_the_cfg_pair():
+    from sat_dist.capacity import engine_layouts, layout_activations
+
+    acts = {"encode": 10, "denoise": 1000, "decode": 300}
+    assert layout_activations(acts, 1, 1) == acts
+    assert layout_activations(acts, 4, 2) == {"encode": 10, "denoise": 125, "decode": 300}
+    cfg = os.path.join(os.path.dirname(__file__), "..", "configs", "cogvideox_5b.yaml")
+    rows = {r["layout"]: r for r in engine_layouts([cfg], 8)}
+    one, two = rows["TP2xSP1xCFG1"], rows["TP2xSP2xCFG2"]
+    assert two["activations"]["denoise"] * 4 >= one["activations"]["denoise"] > two["activations"]["denoise"]
+    assert two["device_bytes"] <= one["device_bytes"] and two["weights"] == one["weights"]
