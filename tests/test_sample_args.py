@@ -140,7 +140,7 @@ def test_dry_run_prints_the_resolved_run_and_loads_nothing(pipes, tmp_path, caps
                             "--out-dir", str(tmp_path / "videos"), "--dry-run")
     assert rc == 0, err
     for needle in ("CogVideoX 1.5 image-to-video, 16 fps", "17 frames x 16 x 32 (DiT latents 6 x 4 x 8)",
-                   "tp 2, dtype bf16", "per rank", f"first frame {pipes['png']}",
+                   "tp 2, sp 1, dtype bf16", "per rank", f"first frame {pipes['png']}",
                    f"{tmp_path / 'videos' / '000_a_red_panda.mp4'}", "001_a_cat_playing_piano.mp4"):
         assert needle in text, (needle, text)
 

@@ -56,6 +56,7 @@ class SampleRun:
     dynamic_cfg: bool
     latent: tuple[int, int, int]  # latent frames (1.5: padded to the time patch), height, width
     tp: int
+    sp: int = 1  # Ulysses sequence-parallel size (shown by --dry-run)
     image: Optional[str] = None  # the path, when given as one
     prompts: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)  # the mp4 per prompt
@@ -81,7 +82,8 @@ class SampleRun:
         if weights and all(b is not None for _, b in weights.values()):
             lines.append(f"{'weights':<12} {_size(sum(b for _, b in weights.values()))} per rank (DiT and T5 at "
                          f"TP {self.tp}, the VAE whole; activations not counted: see sat-dist plan --engine)")
-        lines += [f"{'parallel':<12} tp {self.tp}, dtype {dtype or 'as stored'}, device {device or 'auto'}",
+        lines += [f"{'parallel':<12} tp {self.tp}, sp {self.sp}, dtype {dtype or 'as stored'}, "
+                  f"device {device or 'auto'}",
                   f"{'video':<12} {self.frames} frames x {self.height} x {self.width} (DiT latents "
                   f"{self.latent[0]} x {self.latent[1]} x {self.latent[2]})" +
                   (f", first frame {self.image}" if self.image else ""),

@@ -84,7 +84,7 @@ def resolve(args: argparse.Namespace) -> SampleRun:
     world = rank_and_world()[1]  # under a launcher: whole tp x sp replicas (one process, e.g. a dry run: not yet)
     check.check_sp(parts, args.sp, world if world and world > 1 else None, not args.no_cfg_parallel)
     single = args.prompt is not None
-    spec.prompts = prompts
+    spec.prompts, spec.sp = prompts, args.sp
     spec.outputs = [args.out] if single else [os.path.join(args.out_dir, check.video_name(i, p))
                                               for i, p in enumerate(prompts)]
     check.check_outputs(spec.outputs, None if single else args.out_dir, create=not args.dry_run)
