@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -35,39 +36,60 @@ def _tokenizer(folder: str) -> None:
         json.dump({"tokenizer_class": "T5Tokenizer", "extra_ids": 0, "model_max_length": TEXT_TOKENS}, f)
 
 
-def write_demo_pipeline(root: str, seed: int = 0) -> str:
+@dataclass(frozen=True)
+class TinySpec:
+    """The sizes of a tiny pipeline; the defaults are the demo's (4 heads so TP 2 and 4 divide them)."""
+
+    heads: int = 4
+    head_dim: int = 16
+    layers: int = 2
+    time_embed_dim: int = 32
+    frames: int = 9
+    dit_hw: tuple[int, int] = (8, 12)  # the DiT's sample_height / sample_width
+    vae_hw: tuple[int, int] = (32, 48)  # the VAE's sample_height / sample_width (pixels)
+    rope: bool = True  # 5B-style RoPE; False: 2B-style sincos positions
+    dit_scale: float = 0.1  # the DiT's random weights' scale
+    ddim: bool = False  # False: 5B's DPM scheduler; True: 2B's DDIM (snr_shift_scale 3)
+
+
+def write_demo_pipeline(root: str, seed: int = 0, spec: TinySpec = TinySpec()) -> str:
     """Write the pipeline folder at `root` (model_index.json and the five component folders)."""
     import diffusers
     import transformers
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+    from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXDPMScheduler, CogVideoXPipeline,
+                           CogVideoXTransformer3DModel)
     from transformers import AutoTokenizer, T5Config, T5EncoderModel
 
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     gen = torch.Generator().manual_seed(seed)
+    os.makedirs(root, exist_ok=True)
     _tokenizer(os.path.join(root, "tokenizer"))
     t5 = T5EncoderModel(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                                  relative_attention_num_buckets=8, relative_attention_max_distance=16,
                                  feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False))
-    dit = CogVideoXTransformer3DModel(num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=4,
-                                      time_embed_dim=32, text_embed_dim=32, num_layers=2, sample_width=12,
-                                      sample_height=8, sample_frames=9, patch_size=2,
-                                      max_text_seq_length=TEXT_TOKENS, use_rotary_positional_embeddings=True)
+    dit = CogVideoXTransformer3DModel(num_attention_heads=spec.heads, attention_head_dim=spec.head_dim,
+                                      in_channels=4, out_channels=4, time_embed_dim=spec.time_embed_dim,
+                                      text_embed_dim=32, num_layers=spec.layers, sample_width=spec.dit_hw[1],
+                                      sample_height=spec.dit_hw[0], sample_frames=spec.frames, patch_size=2,
+                                      max_text_seq_length=TEXT_TOKENS, use_rotary_positional_embeddings=spec.rope)
     with torch.no_grad():  # random weights everywhere (norms near 1), so no path is zero-initialised away
-        for model, scale in ((t5, 0.3), (dit, 0.1)):
+        for model, scale in ((t5, 0.3), (dit, spec.dit_scale)):
             for name, p in model.named_parameters():
                 noise = torch.randn(p.shape, generator=gen)
                 p.copy_(1 + 0.1 * noise if "norm" in name and name.endswith("weight") else noise * scale)
     torch.manual_seed(seed)
     vae = AutoencoderKLCogVideoX(block_out_channels=(8, 8, 16), down_block_types=("CogVideoXDownBlock3D",) * 3,
                                  up_block_types=("CogVideoXUpBlock3D",) * 3, latent_channels=4, layers_per_block=1,
-                                 norm_num_groups=4, sample_height=32, sample_width=48, scaling_factor=0.7)
-    # THUDM/CogVideoX-5b scheduler/scheduler_config.json
-    sched = CogVideoXDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                  clip_sample=False, num_train_timesteps=1000, prediction_type="v_prediction",
-                                  rescale_betas_zero_snr=True, set_alpha_to_one=True, steps_offset=0,
-                                  timestep_spacing="trailing", snr_shift_scale=1.0)
+                                 norm_num_groups=4, sample_height=spec.vae_hw[0], sample_width=spec.vae_hw[1],
+                                 scaling_factor=0.7)
+    # THUDM/CogVideoX-5b (and -2b) scheduler/scheduler_config.json
+    sched_kw = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                    num_train_timesteps=1000, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                    set_alpha_to_one=True, steps_offset=0, timestep_spacing="trailing")
+    sched = (CogVideoXDDIMScheduler(**sched_kw, snr_shift_scale=3.0) if spec.ddim
+             else CogVideoXDPMScheduler(**sched_kw, snr_shift_scale=1.0))
     tok = AutoTokenizer.from_pretrained(os.path.join(root, "tokenizer"))
     CogVideoXPipeline(tokenizer=tok, text_encoder=t5.eval(), vae=vae.eval(), transformer=dit.eval(),
                       scheduler=sched).save_pretrained(root)

@@ -57,64 +57,23 @@ def layout_name(tp: int, sp: int, cfg: bool) -> str:
 
 # --- the tiny pipeline ----------------------------------------------------------------------------
 
-# kind -> DiT arguments beyond the shared ones, and the sample size (frames, height, width)
-TINY = {
-    "5b": ({"use_rotary_positional_embeddings": True}, (17, 128, 192)),
-    "2b": ({"use_rotary_positional_embeddings": False}, (17, 128, 192)),
-}
 TINY_KINDS = ("5b", "2b", "mini")
+TINY_SIZE = (17, 128, 192)  # frames, height, width the 5b/2b bench pipelines sample at
 
 
 def write_tiny_pipeline(root: str, kind: str = "5b", seed: int = 0) -> str:
-    """A CogVideoX pipeline folder at `root` for the bench (see module docstring); returns `root`."""
-    if kind == "mini":
-        from ..demo_pipeline import write_demo_pipeline
+    """A CogVideoX pipeline folder at `root` for the bench (see module docstring); returns `root`:
+    `mini` is the demo's, `5b`/`2b` the same writer at 12 heads, 4 layers and TINY_SIZE."""
+    from ..demo_pipeline import TinySpec, write_demo_pipeline
 
-        return write_demo_pipeline(root, seed)
-    if kind not in TINY:
+    if kind not in TINY_KINDS:
         raise ValueError(f"--tiny {kind!r}: one of {', '.join(TINY_KINDS)}")
-    import diffusers
-    import torch
-    import transformers
-    from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXDPMScheduler, CogVideoXPipeline,
-                           CogVideoXTransformer3DModel)
-    from transformers import AutoTokenizer, T5Config, T5EncoderModel
-
-    from ..demo_pipeline import TEXT_TOKENS, _tokenizer
-
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    extra, (frames, height, width) = TINY[kind]
-    gen = torch.Generator().manual_seed(seed)
-    os.makedirs(root, exist_ok=True)
-    _tokenizer(os.path.join(root, "tokenizer"))
-    t5 = T5EncoderModel(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                                 relative_attention_num_buckets=8, relative_attention_max_distance=16,
-                                 feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False))
-    dit = CogVideoXTransformer3DModel(num_attention_heads=12, attention_head_dim=32, in_channels=4, out_channels=4,
-                                      time_embed_dim=64, text_embed_dim=32, num_layers=4, sample_width=width // 8,
-                                      sample_height=height // 8, sample_frames=frames, patch_size=2,
-                                      max_text_seq_length=TEXT_TOKENS, **extra)
-    with torch.no_grad():  # random weights everywhere (norms near 1)
-        for model, scale in ((t5, 0.3), (dit, 0.05)):
-            for name, p in model.named_parameters():
-                noise = torch.randn(p.shape, generator=gen)
-                p.copy_(1 + 0.1 * noise if "norm" in name and name.endswith("weight") else noise * scale)
-    torch.manual_seed(seed)
-    vae = AutoencoderKLCogVideoX(block_out_channels=(8, 8, 16), down_block_types=("CogVideoXDownBlock3D",) * 3,
-                                 up_block_types=("CogVideoXUpBlock3D",) * 3, latent_channels=4, layers_per_block=1,
-                                 norm_num_groups=4, sample_height=height, sample_width=width, scaling_factor=0.7)
-    sched_kw = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                    num_train_timesteps=1000, prediction_type="v_prediction", rescale_betas_zero_snr=True,
-                    set_alpha_to_one=True, steps_offset=0, timestep_spacing="trailing")
-    sched = (CogVideoXDPMScheduler(**sched_kw, snr_shift_scale=1.0) if kind == "5b"
-             else CogVideoXDDIMScheduler(**sched_kw, snr_shift_scale=3.0))
-    tok = AutoTokenizer.from_pretrained(os.path.join(root, "tokenizer"))
-    CogVideoXPipeline(tokenizer=tok, text_encoder=t5.eval(), vae=vae.eval(), transformer=dit.eval(),
-                      scheduler=sched).save_pretrained(root)
-    _tokenizer(os.path.join(root, "tokenizer"))  # as released: spiece.model, no tokenizer.json
-    return root
+    if kind == "mini":
+        return write_demo_pipeline(root, seed)
+    frames, height, width = TINY_SIZE
+    return write_demo_pipeline(root, seed, TinySpec(
+        heads=12, head_dim=32, layers=4, time_embed_dim=64, frames=frames, dit_hw=(height // 8, width // 8),
+        vae_hw=(height, width), rope=kind == "5b", dit_scale=0.05, ddim=kind == "2b"))
 
 
 # --- one rank -------------------------------------------------------------------------------------
