@@ -11,13 +11,9 @@ from typing import Any
 
 import torch.distributed as dist
 
-from .runtime import Runtime
+from .runtime import RUNTIME_TIMEOUT_S, Runtime
 
-# After a load's last agreement every group it made takes the runtime timeout (`--runtime-timeout`):
-# the load's bound would otherwise cut off a long sampling run (a work group idle in `finish` while
-# another renders, a work group's ranks waiting at the decode gather for its slowest tile, the leader's
-# blend and mp4 write that its peers wait out at their next collective).
-RUNTIME_TIMEOUT_S = 7200.0
+__all__ = ["RUNTIME_TIMEOUT_S", "DEVICE_GRACE_S", "enter_load", "enter_runtime", "group", "prune", "teardown"]
 # On NCCL a collective that outlives its group's timeout is aborted by the watchdog, which kills the
 # process; during a load the device groups' timeout is the load's plus this grace, so the host-side
 # deadline of `wait` (the load's timeout) always comes first and ends in a named error.

@@ -18,6 +18,13 @@ from .errors import ConfigError
 from .launch import LaunchInfo
 
 
+# After a load's last agreement every group it made takes the runtime timeout (`--runtime-timeout`):
+# the load's bound would otherwise cut off a long sampling run (a work group idle in `finish` while
+# another renders, a work group's ranks waiting at the decode gather for its slowest tile, the leader's
+# blend and mp4 write that its peers wait out at their next collective).
+RUNTIME_TIMEOUT_S = 7200.0
+
+
 @dataclass(frozen=True)
 class Mesh:
     """The dp x cfg x sp x tp layout of a job (as torchtitan's ParallelDims), TP innermost:
@@ -251,7 +258,7 @@ class Runtime:
     ctrl_group: object = None  # the control plane: gloo over the world, for every agreement object
     group_keys: list = field(default_factory=list)  # the groups this runtime holds (collectives' registry)
     load_timeout_s: float = 300.0  # --timeout: every wait of the load
-    runtime_timeout_s: float = 7200.0  # --runtime-timeout: the groups' timeout once the load agreed
+    runtime_timeout_s: float = RUNTIME_TIMEOUT_S  # --runtime-timeout: the groups' timeout once the load agreed
     owns_process_group: bool = False
     store: object = None  # the c10d store, for arrival checks (collectives.mark_arrival / not_arrived)
     arrivals: str = ""  # this load's namespace of arrival keys in `store`
