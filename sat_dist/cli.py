@@ -211,7 +211,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     launch = detect_launch()
     path = ensure_demo_checkpoint(writer=launch.local_rank == 0)
     pipeline = None if args.no_video else ensure_demo_pipeline(writer=launch.local_rank == 0)
-    out = None if args.no_video else _writable_mp4(args.out)  # checked before anything loads
+    out = None
+    if not args.no_video:  # checked before anything loads, as `sample` checks --out
+        from .engine.check import check_outputs
+
+        out = os.path.abspath(args.out)
+        check_outputs([out], None)
     _, report = loader.load_model(path, args.config, tp=args.tp, dtype=args.dtype, device=args.device,
                                   report=args.report, overrides=args.overrides, timeout_s=args.timeout_s,
                                   return_report=True, exchange=args.exchange, digest=args.digest,
@@ -232,19 +237,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         engine.finish()
     loader.shutdown()
     return 0
-
-
-def _writable_mp4(path: str) -> str:
-    """The absolute mp4 path, its folder created and writable (refused before any load)."""
-    out = os.path.abspath(path)
-    folder = os.path.dirname(out)
-    try:
-        os.makedirs(folder, exist_ok=True)
-        if not os.access(folder, os.W_OK):
-            raise OSError("not writable")
-    except OSError as exc:
-        raise ConfigError(f"--out {path}: cannot write into {folder} ({exc}); pick another path") from exc
-    return out
 
 
 def cmd_env(_: argparse.Namespace) -> int:
