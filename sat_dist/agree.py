@@ -82,7 +82,9 @@ def load_options(cfg: LoadConfig) -> dict[str, Any]:
     model = hashlib.sha256(repr(cfg.model).encode()).hexdigest()[:12]
     return {"checkpoint": os.path.abspath(cfg.checkpoint) if cfg.checkpoint else None, "--tag": cfg.tag,
             "--tp": cfg.tp, "--dtype": cfg.dtype or "as stored", "--weights": cfg.weights,
-            "--verify": cfg.verify, "model config (--config, model.* overrides)": model}
+            "--verify": cfg.verify, "model config (--config, model.* overrides)": model,
+            "--lora": [(os.path.abspath(p), s) for p, s in cfg.lora], "--lora-merge": cfg.lora_merge,
+            "--lora-alpha": cfg.lora_alpha}
 
 
 def option_problems(options: list[list[dict]], names: Sequence[str] = ()) -> dict[int, str]:

@@ -35,6 +35,29 @@ def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
     return DTYPES[key]
 
 
+def parse_lora_arg(arg) -> tuple[str, float]:
+    """`path[:strength]` (or a (path, strength) pair) -> (path, strength); strength defaults to 1."""
+    if isinstance(arg, (tuple, list)):
+        if len(arg) != 2:
+            raise ConfigError(f"a LoRA is (path, strength), got {arg!r}")
+        path, strength = arg
+    else:
+        path, strength = str(arg), 1.0
+        head, sep, tail = path.rpartition(":")
+        if sep and head and not os.path.exists(path):
+            try:
+                path, strength = head, float(tail)
+            except ValueError:
+                pass
+    try:
+        strength = float(strength)
+    except (TypeError, ValueError):
+        raise ConfigError(f"LoRA {path}: strength {strength!r} is not a number (write PATH:STRENGTH)") from None
+    if not os.path.exists(path):
+        raise ConfigError(f"LoRA {path} does not exist (write PATH[:STRENGTH], e.g. style.safetensors:0.8)")
+    return path, strength
+
+
 @dataclass
 class LoadConfig:
     """Everything one load needs; the same on every rank."""
@@ -56,6 +79,9 @@ class LoadConfig:
     readers: Optional[int] = None  # reader threads per rank; None: this rank's share of the cores, 1..4
     progress: Optional[bool] = None  # rank 0's progress bar; None: on a TTY (shown for loads past ~2 s)
     verify: Any = False  # --verify: True = check reads against the checkpoint's manifest; a str = that manifest
+    lora: Any = ()  # --lora: adapters merged into the base, each PATH[:STRENGTH] or (path, strength)
+    lora_merge: bool = True  # false: the low-rank path in the forward (switch adapters without touching the base)
+    lora_alpha: Optional[float] = None  # SAT LoRAs: LoraMixin's lora_alpha (scale alpha / r); None: the YAML's, else 1
 
     @property
     def torch_dtype(self) -> Optional[torch.dtype]:
@@ -176,6 +202,13 @@ def resolve(
         value = getattr(cfg, key)
         if value is not None and (not isinstance(value, (int, float)) or value <= 0):
             raise ConfigError(f"--{key[:-2].replace('_', '-')} must be a positive number of seconds, got {value!r}")
+    loras = [cfg.lora] if isinstance(cfg.lora, str) else list(cfg.lora or ())
+    cfg.lora = [parse_lora_arg(x) for x in loras]
+    if not isinstance(cfg.lora_merge, bool):
+        raise ConfigError(f"load.lora_merge must be true or false, got {cfg.lora_merge!r}")
+    if cfg.lora_alpha is not None and (isinstance(cfg.lora_alpha, bool) or not isinstance(cfg.lora_alpha, (int, float))
+                                       or cfg.lora_alpha <= 0):
+        raise ConfigError(f"--lora-alpha must be a positive number, got {cfg.lora_alpha!r}")
     if cfg.readers is not None and cfg.readers < 1:
         raise ConfigError(f"load.readers must be >= 1, got {cfg.readers}")
     return cfg

@@ -49,3 +49,8 @@ class MalformedCheckpointError(CheckpointError):
 class IntegrityError(CheckpointError):
     """`--verify`: a file's bytes do not match its manifest (a flipped bit, a truncated or replaced
     file), or there is no usable manifest; names the file and the block."""
+
+
+class LoraError(CheckpointError):
+    """A LoRA file that does not fit the model (a target it lacks, other shapes or layer count) or is
+    not a LoRA sat_dist can merge; found from headers, before any byte of the base is read."""

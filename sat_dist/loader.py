@@ -24,6 +24,8 @@ from .integrity import verify_load
 from .materialize import materialize, pick_readers, staging_slots
 from .formats.base import IndexRequest
 from .launch import detect_launch, rank_and_world
+from .lora import load as lora_load
+from .lora import switch as lora_switch
 from .models import TPInfo, build_meta_model, check_tp, collect_specs
 from .pause import fail_point, pause_point
 from .plan import make_plan
@@ -49,6 +51,9 @@ def load_model(
     exchange: Optional[str] = None,
     progress: Optional[bool] = None,
     verify: Union[bool, str, None] = None,
+    lora: Sequence = (),
+    lora_merge: Optional[bool] = None,
+    lora_alpha: Optional[float] = None,
 ):
     """Load a checkpoint tensor-parallel on every rank of the job (torchrun/SLURM/MPI or single).
 
@@ -58,7 +63,10 @@ def load_model(
     digest in the report (default: only when `report` names a file to write); `exchange`: auto|on|off
     (ranks that need the same bytes split the reads); `progress`: rank 0's bar (default: on a TTY);
     `verify`: check every block this rank reads against the checkpoint's manifest (True) or the one at
-    that path (integrity.py). `timeout_s` bounds every wait of the load; `runtime_timeout_s` is the
+    that path (integrity.py). `lora`: adapters merged into the rank's shard, each `PATH[:STRENGTH]` or
+    (path, strength) — PEFT/diffusers `.safetensors` files or SAT LoRA checkpoints; a SAT LoraMixin fine-tune
+    checkpoint is recognised by its names and merged too (`lora_alpha`: its scale alpha / r, default the
+    YAML's or LoraMixin's 1); `lora_merge=False` keeps the low-rank path in the forward. `timeout_s` bounds every wait of the load; `runtime_timeout_s` is the
     groups' timeout afterwards (forwards; default `collectives.RUNTIME_TIMEOUT_S`). On failure, a
     `report` file gets status "error", the ranks and causes.
     """
@@ -68,7 +76,8 @@ def load_model(
     try:
         cfg = resolve(checkpoint, files, overrides, tp=tp, dtype=dtype, device=device, report=report,
                       tag=tag, timeout_s=timeout_s, runtime_timeout_s=runtime_timeout_s, weights=weights, digest=digest,
-                      exchange=exchange, progress=progress, verify=verify)
+                      exchange=exchange, progress=progress, verify=verify, lora=list(lora) or None,
+                      lora_merge=lora_merge, lora_alpha=lora_alpha)
         if not cfg.checkpoint:
             raise ConfigError("no checkpoint given: pass a path (or load.checkpoint in a config)")
         rt = C.setup(detect_launch(timeout_s=cfg.timeout_s), cfg.tp, cfg.device, cfg.timeout_s,
@@ -87,6 +96,12 @@ def load_model(
 
 
 _RUNTIMES: list[Runtime] = []
+
+
+def set_loras(model: nn.Module, loras: Sequence = ()):
+    """Switch the adapters of a model `load_model` loaded, on every rank (each must call it alike): re-reads
+    only the touched base rows and the adapters' rank parts (lora/switch.py). Returns this rank's SwitchStats."""
+    return lora_switch.switch(model, loras)
 
 
 def keep_runtime(rt: Runtime) -> None:
@@ -122,12 +137,12 @@ def load_components(rt: Runtime, cfgs: Sequence[LoadConfig], t0: Optional[float]
             planned.append(_plan_component(rt, cfg, name if len(cfgs) > 1 else ""))
     except Exception as exc:  # reported to every rank below, never swallowed
         err = exc
-    offers = None if err else [exchange.signatures(rt, p, c.exchange) for c, (_, _, p) in zip(cfgs, planned)]
-    offers = agree_phase(rt, "plan", err, timeout, None if err else plan_dtypes([p for _, _, p in planned]), offers)
+    offers = None if err else [exchange.signatures(rt, p, c.exchange) for c, (_, _, p, _) in zip(cfgs, planned)]
+    offers = agree_phase(rt, "plan", err, timeout, None if err else plan_dtypes([p for _, _, p, _ in planned]), offers)
 
     try:
-        parts = [_load_component(rt, cfg, model, specs, plan, [o[i] for o in offers], t0)
-                 for i, (cfg, (model, specs, plan)) in enumerate(zip(cfgs, planned))]
+        parts = [_load_component(rt, cfg, model, specs, plan, lsetup, [o[i] for o in offers], t0)
+                 for i, (cfg, (model, specs, plan, lsetup)) in enumerate(zip(cfgs, planned))]
         status = parts[0] if len(parts) == 1 else _merge(rt, names, parts)
     except GroupLoadError:  # a peer died during the exchange: the group cannot agree any more
         raise
@@ -135,7 +150,7 @@ def load_components(rt: Runtime, cfgs: Sequence[LoadConfig], t0: Optional[float]
         status = RankStatus(rt.rank, describe(exc), rt.tp_rank, rt.dp_rank)
     statuses = agree_loaded(rt, status, timeout)
     out = []
-    for i, (cfg, (model, _, _)) in enumerate(zip(cfgs, planned)):
+    for i, (cfg, (model, _, _, _)) in enumerate(zip(cfgs, planned)):
         report = LoadReport(
             status="ok", world_size=rt.world_size, tp=rt.tp, dp=rt.mesh.dp, checkpoint=cfg.checkpoint,
             seconds=round(time.perf_counter() - t0, 4),
@@ -154,15 +169,23 @@ def _plan_component(rt: Runtime, cfg: LoadConfig, name: str):
         model = build_meta_model(cfg.model, TPInfo(rt.tp, rt.tp_rank, rt.tp_group))
         specs = collect_specs(model)
         prefix = getattr(model, "checkpoint_prefix", "")
-        index, prefer = formats.open_index(IndexRequest(cfg.checkpoint, specs, rt.tp, rt.tp_rank, cfg.tag, prefix,
-                                                        cfg.weights))
+        # Adapters are opened and checked against the model before the base is indexed (headers only).
+        lsetup = lora_load.prepare(cfg.model, cfg.checkpoint, cfg.tag, cfg.lora, cfg.lora_merge, cfg.lora_alpha,
+                                   specs, prefix, rt.tp, rt.tp_rank)
+        read_specs = lsetup.reader_specs(specs)
+        index, prefer = formats.open_index(IndexRequest(cfg.checkpoint, read_specs, rt.tp, rt.tp_rank, cfg.tag,
+                                                        prefix, cfg.weights))
         # Tensors the file lacks but the model fills itself on load (index.meta["absent"]).
-        specs = {n: s for n, s in specs.items() if n not in index.meta.get("absent", {})}
+        absent = index.meta.get("absent", {})
+        specs = {n: s for n, s in specs.items() if n not in absent}
+        read_specs = {n: s for n, s in read_specs.items() if n not in absent}
         # No --dtype: the reader's default (bf16 for a bf16 DeepSpeed run's fp32 masters), else as stored.
         dtype = cfg.torch_dtype or index.meta.get("default_dtype")
         readers = pick_readers(cfg.readers, rt.launch.local_world_size)
         op_bytes = (cfg.staging_mib << 20) // staging_slots(readers)  # the staging budget, all buffers
-        return model, specs, make_plan(specs, rt.tp, rt.tp_rank, index, dtype, prefer, op_bytes)
+        plan = make_plan(read_specs, rt.tp, rt.tp_rank, index, dtype, prefer, op_bytes)
+        plan = lsetup.extend(plan, index, prefer, op_bytes, dtype)
+        return model, specs, plan, lsetup
     except Exception as exc:
         if not name:
             raise
@@ -173,7 +196,7 @@ def _plan_component(rt: Runtime, cfg: LoadConfig, name: str):
         raise named from exc
 
 
-def _load_component(rt: Runtime, cfg: LoadConfig, model: nn.Module, specs: dict, plan, offers: list,
+def _load_component(rt: Runtime, cfg: LoadConfig, model: nn.Module, specs: dict, plan, lsetup, offers: list,
                     t0: float) -> RankStatus:
     share = exchange.plan_exchange(rt, plan, offers)
     pause_point("read", rt.rank)
@@ -205,6 +228,9 @@ def _load_component(rt: Runtime, cfg: LoadConfig, model: nn.Module, specs: dict,
     elif err is not None:
         raise err
     received = exchange.run(rt, share, tensors, cfg.timeout_s)
+    # ΔW in fp32 on the rank's slice, before the cast to the run's dtype (or the factors to the layers)
+    lsetup.runtime, lsetup.timeout_s = rt, cfg.timeout_s
+    lsetup.apply(tensors, model)
     model.load_state_dict(tensors, strict=True, assign=True)
     del tensors
     finalize(model)

@@ -108,12 +108,13 @@ def _check_model_config(ckpt: SatCheckpoint) -> None:
 
 
 def index_files(ckpt: SatCheckpoint, specs: Mapping[str, TensorSpec], mp_ranks: Sequence[int],
-                prefix: str = "") -> CheckpointIndex:
+                prefix: str = "", partial: bool = False) -> CheckpointIndex:
     """Index the given mp files: every tensor located, checked against the model's layouts.
 
     `prefix` is prepended to the model's names to find them in the file (CogVideoX files hold
     `model.diffusion_model.*`). Missing, unexpected and mis-shaped tensors are errors naming the
-    file and the tensor.
+    file and the tensor. `partial`: `specs` are some of the file's tensors (a LoRA's factors read from a
+    whole fine-tune checkpoint), the others are not unexpected.
     """
     index = CheckpointIndex(root=ckpt.root, format="sat", meta={"tag": ckpt.tag, "mp_size": ckpt.mp_size})
     n = ckpt.mp_size
@@ -129,7 +130,8 @@ def index_files(ckpt: SatCheckpoint, specs: Mapping[str, TensorSpec], mp_ranks: 
         index.meta.setdefault("absent", {}).update(absent)
         # With a prefix the model is one subtree of the file (CogVideoX: `model.diffusion_model.`);
         # other engine parts a whole-engine training save may hold (T5, VAE) are not its business.
-        check_names(path, missing, [k for k in module if k.startswith(prefix) and k[len(prefix):] not in specs])
+        check_names(path, missing, [] if partial else
+                    [k for k in module if k.startswith(prefix) and k[len(prefix):] not in specs])
         for name, spec in specs.items():
             if name in absent:
                 continue
@@ -141,11 +143,11 @@ def index_files(ckpt: SatCheckpoint, specs: Mapping[str, TensorSpec], mp_ranks: 
 
 
 def read_index(root: str, specs: Mapping[str, TensorSpec], tp: int, tp_rank: int, tag: Optional[str] = None,
-               prefix: str = "") -> tuple[CheckpointIndex, list[str]]:
+               prefix: str = "", partial: bool = False) -> tuple[CheckpointIndex, list[str]]:
     """Discover `root`, index only the mp files this TP rank needs; returns (index, those files)."""
     ckpt = discover(root, tag)
     ranks = files_needed(specs, ckpt.mp_size, tp, tp_rank)
-    return index_files(ckpt, specs, ranks, prefix), [ckpt.files[r] for r in ranks]
+    return index_files(ckpt, specs, ranks, prefix, partial), [ckpt.files[r] for r in ranks]
 
 
 def index(req: IndexRequest) -> tuple[CheckpointIndex, list[str]]:

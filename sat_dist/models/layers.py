@@ -30,12 +30,24 @@ class _Sharded(nn.Module):
         super().__init__()
         self.tp = tp
         self.specs: dict[str, TensorSpec] = {}
+        # Unmerged LoRA adapters (sat_dist.lora.merge.attach): (A, B, scale, boxes) on this rank's shard.
+        self.lora: list = []
 
     def _param(self, name: str, global_shape: Shape, layout: Layout, dtype) -> None:
         spec = TensorSpec(tuple(global_shape), layout)
         local = spec.placement(self.tp.size, self.tp.rank).local_shape(spec.global_shape)
         self.register_parameter(name, nn.Parameter(torch.empty(local, dtype=dtype), requires_grad=False))
         self.specs[name] = spec
+
+
+def lora_delta(x: torch.Tensor, y: torch.Tensor, adapters: list) -> torch.Tensor:
+    """y[..., rows] += scale · (x[..., cols] Aᵀ) Bᵀ for each box of each adapter, before any TP collective:
+    a column split's rows are its own, a row split's partial products join the all-reduce that follows."""
+    for a, b, scale, boxes in adapters:
+        for box, (b0, b1), (a0, a1) in boxes:
+            (r0, c0), (n, m) = box.offsets, box.sizes
+            y[..., r0:r0 + n] += F.linear(F.linear(x[..., c0:c0 + m], a[:, a0:a1]), b[b0:b1]) * scale
+    return y
 
 
 class ColumnParallelLinear(_Sharded):
@@ -53,7 +65,8 @@ class ColumnParallelLinear(_Sharded):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias)
+        return lora_delta(x, y, self.lora) if self.lora else y
 
 
 class RowParallelLinear(_Sharded):
@@ -69,7 +82,8 @@ class RowParallelLinear(_Sharded):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = reduce_from_tp(F.linear(x, self.weight), self.tp.group)
+        y = F.linear(x, self.weight)
+        y = reduce_from_tp(lora_delta(x, y, self.lora) if self.lora else y, self.tp.group)
         return y if self.bias is None else y + self.bias
 
 

@@ -191,9 +191,9 @@ class DiTConfig:
                               "adaln_layer_config and final_layer_config")
         extra = sorted(set(self.modules) - {"pos_embed_config", "patch_embed_config", "adaln_layer_config",
                                             "final_layer_config"})
-        if "lora_config" in extra:
-            raise ConfigError("model.modules.lora_config: LoRA checkpoints are not supported (they add "
-                              "matrix_A/matrix_B tensors); merge the LoRA into the base DiT weights first")
+        if "lora_config" in extra:  # a LoraMixin fine-tune (CogVideo sat/configs/cogvideox_5b_lora.yaml)
+            extra.remove("lora_config")
+            _check_lora_config(self.modules["lora_config"])
         if extra:
             raise ConfigError(f"model.modules: unknown module config(s) {extra}")
 
@@ -278,3 +278,26 @@ class DiTConfig:
             raise ConfigError(f"SP={sp} does not divide the {local} attention heads of a TP rank "
                               f"(num_attention_heads={self.arch.heads} / TP={tp}); SP sizes that work at TP={tp}: "
                               f"{ok}")
+
+
+LORA_MIXINS = ("sat.model.finetune.lora2.LoraMixin",)
+_LORA_PARAMS = {"r", "lora_alpha", "lora_dropout", "layer_range", "qlora", "cross_attention", "layer_num"}
+
+
+def _check_lora_config(node) -> None:
+    """model.modules.lora_config: SAT's LoraMixin, its params as sat/model/finetune/lora2.py takes them (the
+    loader merges the checkpoint's matrix_A/B with scale lora_alpha / r)."""
+    if not isinstance(node, dict) or node.get("target") not in LORA_MIXINS:
+        raise ConfigError(f"model.modules.lora_config: target must be one of {list(LORA_MIXINS)}, got "
+                          f"{node.get('target') if isinstance(node, dict) else node!r}")
+    params = dict(node.get("params") or {})
+    unknown = sorted(set(params) - _LORA_PARAMS)
+    if unknown:
+        raise ConfigError(f"model.modules.lora_config.params: unknown option(s) {unknown}; LoraMixin takes "
+                          f"{sorted(_LORA_PARAMS)}")
+    if params.get("qlora"):
+        raise ConfigError("model.modules.lora_config.params.qlora: 4-bit base weights are not supported")
+    for key in ("r", "lora_alpha"):
+        value = params.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            raise ConfigError(f"model.modules.lora_config.params.{key} must be a positive number, got {value!r}")
