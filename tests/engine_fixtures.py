@@ -114,12 +114,13 @@ def random_image(seed: int = 3, size: tuple[int, int] = (40, 56)):
 
 
 def run_pipeline(root: str, kind: str, prompt: str, steps: int, seed: int, guidance: float = 6.0,
-                 dynamic: bool = True, image=None, tiling: dict | None = None):
+                 dynamic: bool = True, image=None, tiling: dict | None = None, prepare=None):
     """diffusers' own pipeline on `root` (CPU, fp32): (latents after every step, [F, H, W, 3] frames).
 
     SAT's FinalLayerMixin LayerNorm eps is 1e-6 where diffusers' norm_out uses 1e-5 (see
     tests/test_cogvideox_forward.py): the reference takes SAT's value, as the engine runs SAT's DiT.
-    The VAE decodes with tiling on, with the engine's tile sizes (`tiling`)."""
+    The VAE decodes with tiling on, with the engine's tile sizes (`tiling`). `prepare(pipe)`, if
+    given, runs on the loaded pipeline before sampling (tests/lora_fixtures.py loads LoRAs there)."""
     from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline
 
     _quiet()
@@ -129,6 +130,8 @@ def run_pipeline(root: str, kind: str, prompt: str, steps: int, seed: int, guida
     pipe.transformer.norm_out.norm.eps = 1e-6
     pipe.vae.enable_slicing()
     pipe.vae.enable_tiling(**(tiling or {}))
+    if prepare is not None:
+        prepare(pipe)
     lat: list = []
 
     def keep(p, i, t, kw):
