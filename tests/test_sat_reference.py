@@ -19,13 +19,11 @@ If the reference venv cannot be built or SAT fails, the tests fail (never skip).
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -35,33 +33,12 @@ from sat_dist.testing.dist import run_ranks, values
 from sat_ref import configs as C
 
 REPO = Path(__file__).resolve().parents[1]
-SAT_VENV = REPO / ".venv-sat"
 GEN = REPO / "tests" / "sat_ref" / "gen_sat_reference.py"
 ATOL = 1e-5
 
 
 def _tail(s: str, n: int = 6000) -> str:
     return s[-n:]
-
-
-@pytest.fixture(scope="session")
-def sat_venv() -> Path:
-    """Build .venv-sat once (Makefile target; a stamp makes later runs instant). Fails, not skips."""
-    lock_dir = REPO / ".cache"
-    lock_dir.mkdir(exist_ok=True)
-    t = time.perf_counter()
-    with open(lock_dir / "sat-ref-venv.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # two pytest sessions must not build it at once
-        proc = subprocess.run(["make", "-s", "sat-ref-venv"], cwd=REPO, capture_output=True, text=True,
-                              timeout=1800)
-    if proc.returncode != 0:
-        pytest.fail(f"could not build the SAT reference venv (make sat-ref-venv, rc {proc.returncode}):\n"
-                    f"{_tail(proc.stdout + proc.stderr)}")
-    for exe in ("python", "torchrun"):
-        assert (SAT_VENV / "bin" / exe).exists(), f"{SAT_VENV}/bin/{exe} missing after make sat-ref-venv"
-    if proc.stdout.strip():
-        print(f"\n{proc.stdout.strip()} (fixture {time.perf_counter() - t:.0f} s)")
-    return SAT_VENV
 
 
 @pytest.fixture(scope="session")
