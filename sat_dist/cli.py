@@ -37,11 +37,23 @@ def _add_load_args(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
     p.set_defaults(overrides=[])  # key=value words anywhere on the line, e.g. model.num_layers=4
 
 
+def add_lora_args(p: argparse.ArgumentParser) -> None:
+    """--lora / --lora-alpha / --lora-unmerged, shared by load and sample."""
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
+                   help="a LoRA merged into each rank's shard: a PEFT/diffusers .safetensors or a SAT LoRA "
+                        "checkpoint folder; repeat to sum several (strength default 1)")
+    p.add_argument("--lora-alpha", type=float, default=None,
+                   help="SAT LoRAs: LoraMixin's lora_alpha (scale lora_alpha / r), when no YAML lora_config says it")
+    p.add_argument("--lora-unmerged", action="store_true",
+                   help="keep the low-rank path in the forward instead of merging (many adapters, fast switching)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sat-dist", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     load = sub.add_parser("load", help="load a checkpoint on every rank and agree on it")
     _add_load_args(load)
+    add_lora_args(load)
     load.add_argument("--verify", nargs="?", const=True, default=None, metavar="MANIFEST",
                       help="check every block this rank reads against the checkpoint's manifest (sat-dist manifest), "
                            "or against MANIFEST")
@@ -84,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = sub.add_parser("sample", help="CogVideoX: load DiT + T5 + VAE across the group, sample, write mp4s")
     add_sample_arguments(sample)
+    add_lora_args(sample)
     sample.set_defaults(overrides=[])
     from .bench import add_parser as add_bench_parser
 
@@ -192,6 +205,7 @@ def cmd_load(args: argparse.Namespace, checkpoint: Optional[str]) -> int:
         runtime_timeout_s=getattr(args, "runtime_timeout_s", None), weights=getattr(args, "weights", None),
         exchange=args.exchange, digest=args.digest,
         progress=False if args.quiet else None, verify=getattr(args, "verify", None),
+        lora=args.lora, lora_merge=False if args.lora_unmerged else None, lora_alpha=args.lora_alpha,
     )
     import torch.distributed as dist
 
@@ -287,7 +301,14 @@ def cmd_manifest(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from . import formats
 
-    info = formats.describe(args.checkpoint, args.tag)
+    from .lora import files as lora_files
+
+    if lora_files.is_peft_lora(args.checkpoint):
+        info = lora_files.describe(args.checkpoint)
+    else:
+        info = formats.describe(args.checkpoint, args.tag)
+        if info.get("format") == "sat":  # a LoraMixin fine-tune: say what its LoRA is
+            info["summary"] += lora_files.describe_sat(args.checkpoint, args.tag)
     print(json.dumps(info, indent=2, default=str) if args.json else formats.render(info), flush=True)
     return 0
 

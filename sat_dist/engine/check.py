@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from ..errors import ConfigError
+from .adapters import short
 from .layout import Components
 
 FRAME_PAIR = 2  # diffusers' AutoencoderKLCogVideoX.num_latent_frames_batch_size: latents decode in pairs
@@ -60,6 +61,7 @@ class SampleRun:
     image: Optional[str] = None  # the path, when given as one
     prompts: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)  # the mp4 per prompt
+    loras: list = field(default_factory=list)  # each prompt's adapters ((path, strength), ...)
 
     def summary(self, weights: Optional[dict[str, tuple[int, Optional[int]]]] = None, dtype: Optional[str] = None,
                 device: Optional[str] = None) -> str:
@@ -89,9 +91,10 @@ class SampleRun:
                   (f", first frame {self.image}" if self.image else ""),
                   f"{'sampler':<12} {p.scheduler.get('_class_name')}, {self.steps} steps, guidance "
                   f"{self.guidance:g}, dynamic CFG {'on' if self.dynamic_cfg else 'off'}"]
-        shown = list(zip(self.prompts, self.outputs))
-        for prompt, out in shown[:10]:
-            lines.append(f"{'output':<12} {out} <- {prompt!r}")
+        shown = list(zip(self.prompts, self.outputs, self.loras or [()] * len(self.prompts)))
+        for prompt, out, loras in shown[:10]:
+            with_ = f"  [LoRA {short(loras)}]" if loras else ""
+            lines.append(f"{'output':<12} {out} <- {prompt!r}{with_}")
         if len(shown) > 10:
             lines.append(f"{'':<12} ... and {len(shown) - 10} more")
         return "\n".join(lines)

@@ -3,6 +3,7 @@
     torchrun --nproc_per_node=4 -m sat_dist sample --model CogVideoX-5b/ --tp 4 --prompt "..." --out panda.mp4
     torchrun --nproc_per_node=8 -m sat_dist sample --model CogVideoX-5b/ --tp 4 --prompts prompts.txt --out-dir videos/
     torchrun --nproc_per_node=4 -m sat_dist sample --config configs/cogvideox_5b_i2v.yaml --tp 4 --image first.png --prompt "..."
+    torchrun --nproc_per_node=4 -m sat_dist sample --model CogVideoX-5b/ --tp 4 --lora style.safetensors:0.8 --prompt "..."
 
 Every rank runs the same command. Every argument is checked against the model before anything is loaded
 (engine/check.py); `--dry-run` stops there and prints the resolved run. Rank 0 prints the load table and
@@ -16,7 +17,7 @@ import os
 import sys
 from typing import Optional
 
-from . import check
+from . import adapters, check
 from .check import SampleRun
 from .layout import check_pipeline_folder, components_for
 
@@ -69,7 +70,7 @@ def resolve(args: argparse.Namespace) -> SampleRun:
     """Every argument checked against the model, in seconds, before any component is loaded (at real
     size a load takes minutes): the prompts file, the --model folder, each component's config, the
     sizes, steps and image (engine/check.py), the TP split, and the output folder(s) writable."""
-    prompts = check.read_prompts(args.prompt, args.prompts)
+    prompts, loras = adapters.per_prompt(check.read_prompts(args.prompt, args.prompts), args.lora)
     if args.model is not None:
         check_pipeline_folder(args.model)
     common = {"tp": args.tp, "dtype": args.dtype, "device": args.device, "timeout_s": args.timeout_s,
@@ -79,12 +80,13 @@ def resolve(args: argparse.Namespace) -> SampleRun:
     spec = check.sample_run(parts, image=args.image, num_frames=args.frames, height=args.height, width=args.width,
                             num_steps=args.steps, guidance_scale=args.guidance, use_dynamic_cfg=dynamic, cli=True)
     check.check_tp(parts)
+    adapters.check_adapters(parts, loras, args.lora_alpha)  # a LoRA for another model: refused before any load
     from ..launch import rank_and_world
 
     world = rank_and_world()[1]  # under a launcher: whole tp x sp replicas (one process, e.g. a dry run: not yet)
     check.check_sp(parts, args.sp, world if world and world > 1 else None, not args.no_cfg_parallel)
     single = args.prompt is not None
-    spec.prompts, spec.sp = prompts, args.sp
+    spec.prompts, spec.sp, spec.loras = prompts, args.sp, loras
     spec.outputs = [args.out] if single else [os.path.join(args.out_dir, check.video_name(i, p))
                                               for i, p in enumerate(prompts)]
     check.check_outputs(spec.outputs, None if single else args.out_dir, create=not args.dry_run)
@@ -109,9 +111,11 @@ def run(args: argparse.Namespace) -> int:
     spec = resolve(args)
     if args.dry_run:
         return dry_run(args, spec)
+    groups = adapters.batches(spec.loras)  # prompts of equal adapters run together; set_loras between groups
     engine = load_engine(args.model or args.config, tp=args.tp, sp=args.sp, dtype=args.dtype, device=args.device,
                          timeout_s=args.timeout_s, runtime_timeout_s=args.runtime_timeout_s,
-                         cfg_parallel=not args.no_cfg_parallel)
+                         cfg_parallel=not args.no_cfg_parallel, lora=groups[0][0], lora_merge=not args.lora_unmerged,
+                         lora_alpha=args.lora_alpha)
     rank = engine.rt.rank
     if rank == 0:
         print(engine.report.table(), flush=True)
@@ -128,7 +132,16 @@ def run(args: argparse.Namespace) -> int:
         frames, _ = engine.run(prompts[0], out=args.out if rank == 0 else None, decode=engine.group == 0, **kwargs)
         done = [(0, frames)] if rank == 0 else []
     else:
-        done = engine.sample_many(prompts, out=out, **kwargs)
+        done = []
+        for n, (loras, indices) in enumerate(groups):
+            if n:
+                stats = engine.set_loras(loras)
+                if rank == 0:
+                    print(f"[rank 0] LoRA switched to {adapters.short(loras)}: "
+                          f"read {stats.bytes_read:,} B ({stats.bytes_base:,} B of base rows) in {stats.seconds:.2f} s",
+                          flush=True)
+            got = engine.sample_many([prompts[i] for i in indices], out=lambda j: out(indices[j]), **kwargs)
+            done += [(indices[j], frames) for j, frames in got]
     for i, frames in done:  # write_mp4 raised if a file was not written whole: each line is a real file
         sys.stdout.write(f"[rank {rank}] wrote {out(i)}: {frames.shape[0]} frames {frames.shape[1]}x"
                          f"{frames.shape[2]} at {engine.parts.fps} fps\n")

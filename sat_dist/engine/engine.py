@@ -13,6 +13,7 @@ frames); `sample_many` deals prompts out to the groups.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -24,7 +25,9 @@ from .. import collectives as C
 from .. import commcount
 from ..errors import ConfigError
 from ..launch import detect_launch
+from ..config import parse_lora_arg
 from ..loader import keep_runtime, load_components
+from ..lora import switch as lora_switch
 from ..pause import pause_point
 from . import check, sat_sampler, video
 from .decode import WorkGroup
@@ -205,6 +208,15 @@ class Engine:
                               f"{self.dit.arch.patch[1]}); use --sp {rows} or less, or a taller video")
         return RowShard(tuple(self.dit.latent_rows(height)), self.rt.sp_rank, height, self.sp_group)
 
+    # -- adapters ------------------------------------------------------------------------------------
+
+    def set_loras(self, loras: Sequence = ()):
+        """Switch the DiT's LoRA adapters (PATH[:STRENGTH] or (path, strength); [] for none) on every rank
+        (collective: each calls it alike, between videos). Each rank re-reads only its rows of the base
+        tensors the old or new adapters touch, and the adapters' rank parts; the base is not reloaded and
+        the weights equal a fresh load's bit for bit (lora/switch.py). Returns this rank's SwitchStats."""
+        return lora_switch.switch(self.dit, loras)
+
     # -- the end -------------------------------------------------------------------------------------
 
     def finish(self, report: Optional[str] = None) -> EngineReport:
@@ -219,6 +231,14 @@ class Engine:
         if report and self.rt.rank == 0:
             self.report.write(report)
         return self.report
+
+
+def with_loras(parts: Components, lora: Sequence, merge: bool, alpha: Optional[float]) -> None:
+    """The DiT's LoadConfig with the adapters (checked to exist, strengths parsed) before anything loads."""
+    dit = parts.models["transformer"]
+    parts.models["transformer"] = dataclasses.replace(
+        dit, lora=[parse_lora_arg(x) for x in lora], lora_merge=bool(merge),
+        lora_alpha=dit.lora_alpha if alpha is None else float(alpha))
 
 
 class _NoBar:
@@ -247,18 +267,23 @@ def _bar(total: int, show: bool):
 def load_engine(path_or_config: str | Sequence[str], tp: Optional[int] = None, *, sp: Optional[int] = None,
                 dtype: Optional[str] = None, device: Optional[str] = None, report: Optional[str] = None,
                 timeout_s: Optional[float] = None, runtime_timeout_s: Optional[float] = None, cfg_parallel: bool = True,
-                vae_tiling: Optional[dict] = None, staging_mib: Optional[int] = None) -> Engine:
+                vae_tiling: Optional[dict] = None, staging_mib: Optional[int] = None, lora: Sequence = (),
+                lora_merge: bool = True, lora_alpha: Optional[float] = None) -> Engine:
     """Load every component of a CogVideoX release on every rank of the job (see module docstring).
 
     `path_or_config`: a diffusers pipeline folder, or CogVideo SAT YAML file(s). `sp`: sequence
     parallel (Ulysses) size: each replica is tp x sp ranks, the video tokens split over the sp ranks
     inside each TP rank's heads (must divide num_attention_heads / tp; default 1). `cfg_parallel`: with
     an even number of replicas, pair them for CFG (world = 2 x tp x sp: one pair). `vae_tiling`:
-    `AutoencoderKLCogVideoX.enable_tiling` arguments (default: diffusers' tile sizes)."""
+    `AutoencoderKLCogVideoX.enable_tiling` arguments (default: diffusers' tile sizes). `lora`: adapters for
+    the DiT, each `PATH[:STRENGTH]` or (path, strength), merged into each rank's shard (`lora_merge=False`:
+    the low-rank path in the forward); a SAT YAML with `lora_config` loads its LoraMixin fine-tune merged.
+    `lora_alpha`: SAT LoRAs' lora_alpha when no YAML says it. `Engine.set_loras` switches them later."""
     t0 = time.perf_counter()
     common = {"tp": tp, "dtype": dtype, "device": device, "timeout_s": timeout_s, "staging_mib": staging_mib,
               "runtime_timeout_s": runtime_timeout_s}
     parts = components_for(path_or_config, common)
+    with_loras(parts, lora, lora_merge, lora_alpha)
     sp = 1 if sp is None else int(sp)
     first = parts.models["transformer"]
     launch = detect_launch(timeout_s=first.timeout_s)

@@ -93,7 +93,8 @@ def model_config(path: str) -> Optional[dict]:
 
 def render(info: dict) -> str:
     """Any reader's description as text: header, the reader's summary lines, then each file."""
-    lines = [f"{info['root']}  (tag {info.get('tag')})", *info.get("summary", []), "files:"]
+    head = f"{info['root']}  (tag {info['tag']})" if "tag" in info else info["root"]
+    lines = [head, *info.get("summary", []), "files:"]
     lines += [f"  {f['file']}  [{f['bytes']:,} B]  {f['holds']}" for f in info["files"]]
     return "\n".join(lines)
 

@@ -185,7 +185,8 @@ def sat_adapter(path: str, specs: Mapping[str, TensorSpec], prefix: str = "", ta
         raise LoraError(f"{path}: no SAT LoRA tensors (<linear>.matrix_A.N / matrix_B.N"
                         f"{' under ' + repr(prefix) if prefix else ''}) in {first}")
     size = os.path.getsize(first)
-    scale_alpha = 1.0 if alpha is None else float(alpha)
+    alpha, how = _sat_alpha(path, alpha)
+    scale_alpha = float(alpha)
     pairs = []
     for linear in sorted(found):
         a_keys, b_keys = found[linear]["A"], found[linear]["B"]
@@ -225,8 +226,31 @@ def sat_adapter(path: str, specs: Mapping[str, TensorSpec], prefix: str = "", ta
                              (Fragment(Box((start, 0), (size_i, in_cols)), (0, 0)),)))
             start += size_i
         pairs += rows
-    how = f"lora_alpha {scale_alpha:g} / r (" + ("given" if alpha is not None else "LoraMixin's default 1") + ")"
-    return AdapterFile(path, "sat", tuple(pairs), how, ckpt.tag, in_checkpoint)
+    return AdapterFile(path, "sat", tuple(pairs), f"lora_alpha {scale_alpha:g} / r ({how})", ckpt.tag, in_checkpoint)
+
+
+SAT_LORA_CONFIG = "lora_config.json"  # {"r", "lora_alpha"} beside `latest` (what `convert --to sat-lora` writes)
+
+
+def _sat_alpha(path: str, alpha: Optional[float]) -> tuple[float, str]:
+    """LoraMixin's lora_alpha: given (--lora-alpha, or the YAML's lora_config, which means LoraMixin's default 1
+    when it names none), else the folder's lora_config.json. SAT saves it nowhere else, and a guess would merge
+    with the wrong scale: without one of these the LoRA is refused."""
+    if alpha is not None:
+        return float(alpha), "given"
+    where = os.path.join(path, SAT_LORA_CONFIG)
+    if os.path.isfile(where):
+        try:
+            with open(where) as f:
+                value = json.load(f).get("lora_alpha")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise LoraError(f"cannot read {where}: {exc}") from exc
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            return float(value), SAT_LORA_CONFIG
+        raise LoraError(f"{where}: lora_alpha must be a positive number, got {value!r}")
+    raise LoraError(f"{path} is a SAT LoRA (LoraMixin matrix_A/matrix_B), whose scale is lora_alpha / r, but SAT "
+                    f"saves lora_alpha nowhere: pass --lora-alpha (load.lora_alpha; LoraMixin's default is 1), or the "
+                    f"CogVideo YAML with model.modules.lora_config")
 
 
 def has_sat_lora(path: str, prefix: str = "", tag: Optional[str] = None) -> bool:
@@ -279,6 +303,33 @@ def describe(path: str, specs: Optional[Mapping[str, TensorSpec]] = None) -> dic
                        "holds": f"{len(header.tensors)} LoRA tensors"}],
             "lora": {"rank": ranks, "metadata": meta, "targets": targets, "layers": layers,
                      "modules": len(modules)}}
+
+
+def describe_sat(path: str, tag: Optional[str] = None) -> list[str]:
+    """Summary lines for a SAT checkpoint that holds LoraMixin factors (none when it holds none)."""
+    ckpt = sat_format.discover(path, tag)
+    obj = load_structure(ckpt.files[0])
+    module = obj.get("module") if isinstance(obj, dict) else None
+    if not isinstance(module, dict):
+        return []
+    prefixes = {k[: k.index("transformer.")] for k in module if ".matrix_A." in k and "transformer." in k} or {""}
+    found = {}
+    for prefix in sorted(prefixes):
+        found.update(sat_lora_keys(module, prefix))
+    if not found:
+        return []
+    first = next(iter(found.values()))["A"][0]
+    key = next(k for k in module if k.endswith(first))
+    rank = tuple(module[key].shape)[0]
+    layers = sorted({int(m[1]) for k in found for m in [re.search(r"layers\.(\d+)\.", k)] if m})
+    targets = sorted({re.sub(r"^.*layers\.\d+\.", "", k) for k in found})
+    try:
+        alpha = f"lora_alpha {_sat_alpha(path, None)[0]:g} ({SAT_LORA_CONFIG})"
+    except LoraError:
+        alpha = "lora_alpha not saved (LoraMixin's default 1; pass --lora-alpha or the YAML's lora_config)"
+    return [f"LoRA (SAT LoraMixin): rank {rank}, scale lora_alpha / r; {alpha}",
+            f"LoRA targets: {', '.join(targets)} (partitions: {', '.join(str(len(v['A'])) for v in found.values())[:40]})",
+            f"LoRA layers: {len(layers)}" + (f" ({layers[0]}..{layers[-1]})" if layers else "")]
 
 
 def is_peft_lora(path: str) -> bool:

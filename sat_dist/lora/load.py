@@ -127,8 +127,8 @@ def prepare(model_cfg: Any, checkpoint: Optional[str], tag: Optional[str], loras
     """Open and check every adapter (headers only) and plan this rank's part (an empty plan without any:
     the setup still remembers where the base lies, for `switch`)."""
     yaml_lora = lora_config(model_cfg)
-    if alpha is None and yaml_lora:
-        alpha = yaml_lora.get("lora_alpha")
+    if alpha is None and yaml_lora is not None:  # the YAML's LoraMixin: its lora_alpha, or LoraMixin's default 1
+        alpha = yaml_lora.get("lora_alpha", 1.0)
     adapters, strengths, stored = [], [], {}
     if checkpoint and os.path.isdir(checkpoint) and files.has_sat_lora(checkpoint, prefix, tag):
         r = yaml_lora.get("r") if yaml_lora else None
