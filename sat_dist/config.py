@@ -45,10 +45,7 @@ def parse_lora_arg(arg) -> tuple[str, float]:
         path, strength = str(arg), 1.0
         head, sep, tail = path.rpartition(":")
         if sep and head and not os.path.exists(path):
-            try:
-                path, strength = head, float(tail)
-            except ValueError:
-                pass
+            path, strength = head, tail
     try:
         strength = float(strength)
     except (TypeError, ValueError):

@@ -173,7 +173,11 @@ def test_cogvideo_layout_unchanged_files(tmp_path):
 
 
 @pytest.mark.parametrize("params,needle", [
-    ({"modules": {"lora_config": {"target": "sat.model.finetune.lora2.LoraMixin"}}}, "merge the LoRA"),
+    ({"modules": {"lora_config": {"target": "sat.model.finetune.lora.LoraMixin"}}}, "target must be one of"),
+    ({"modules": {"lora_config": {"target": "sat.model.finetune.lora2.LoraMixin", "params": {"rank": 4}}}},
+     "unknown option(s) ['rank']"),
+    ({"modules": {"lora_config": {"target": "sat.model.finetune.lora2.LoraMixin", "params": {"qlora": True}}}},
+     "4-bit"),
     ({"use_RMSNorm": True}, "use_RMSNorm=True is not supported"),
     ({"transformer_args": {"is_decoder": True}}, "is_decoder=True is not supported"),
     ({"transformer_args": {"layernorm_epsilno": 1e-6}}, "unknown option(s) ['layernorm_epsilno']"),

@@ -88,6 +88,14 @@ def _base_names(specs: Mapping[str, TensorSpec]) -> dict[str, tuple[str, tuple[F
     return out
 
 
+def _layer_hint(module: str, specs: Mapping[str, TensorSpec]) -> str:
+    m = re.search(r"(?:transformer_blocks|layers)\.(\d+)\.", module)
+    layers = {int(x[1]) for n in specs for x in [re.search(r"(?:^|\.)layers\.(\d+)\.", n)] if x}
+    if m and layers and int(m[1]) > max(layers):
+        return f": it is for layer {m[1]}, the model has {max(layers) + 1} layers (a LoRA for another model)"
+    return " (a LoRA for another model?)"
+
+
 def _peft_meta(path: str, meta: Mapping[str, str]) -> Optional[dict]:
     raw = meta.get(PEFT_META)
     if raw is None:
@@ -131,8 +139,8 @@ def peft_adapter(path: str, specs: Mapping[str, TensorSpec]) -> AdapterFile:
             raise LoraError(f"{path}: module {module!r} has lora_{list(got)[0]} but no lora_"
                             f"{'B' if 'A' in got else 'A'}; the file is incomplete")
         if module not in bases:
-            raise LoraError(f"{path}: tensor {got['A']!r} adapts {module!r}, which this model does not have "
-                            f"(a LoRA for another model or layer count?)")
+            raise LoraError(f"{path}: tensor {got['A']!r} adapts {module!r}, which this model does not have"
+                            f"{_layer_hint(module, specs)}")
         base, frags, wshape = bases[module]
         a, b = header.tensors[got["A"]], header.tensors[got["B"]]
         r = a.shape[0]
