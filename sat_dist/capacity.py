@@ -239,16 +239,18 @@ def engine_layouts(config_files: Sequence[str], gpus: int, dtype: Optional[str] 
     kind (engine/comm.py, the largest SP rank's; the counts' convention) and whether it fits `gpu_memory`."""
     from .engine.capacity import engine_configs, sample_latent
     from .engine.comm import max_over_ranks, step_total, valid_layouts
+    from .engine.decode import gather_sent
 
     if checkpoint:
         from .engine.layout import components_for
 
         parts = components_for(checkpoint, {"dtype": dtype})
         dit, t5 = parts.models["transformer"], parts.models["text_encoder"].model
+        vae_cfg = parts.models["vae"].model
         length = parts.max_text_length or dit.model.arch.text_length
         dt = dit.torch_dtype or stored_dtype(dit.checkpoint) or torch.float32
     else:
-        dit, t5, _, length = engine_configs(config_files, overrides, dtype)
+        dit, t5, vae_cfg, length = engine_configs(config_files, overrides, dtype)
         dt = dit.torch_dtype or torch.float32
     a = dit.model.arch
     lat = sample_latent(dit.model, latent)
@@ -260,6 +262,7 @@ def engine_layouts(config_files: Sequence[str], gpus: int, dtype: Optional[str] 
     plan = engine_plan(config_files, tps, dtype, overrides, latent=latent, checkpoint=checkpoint)
     mem = {r["tp"]: r for r in plan.rows}
     frames = lat[0] + (-lat[0]) % a.patch[0]
+    vae = _meta_vae(vae_cfg)
     out = []
     for l in layouts:
         r = mem[l.tp]
@@ -267,13 +270,26 @@ def engine_layouts(config_files: Sequence[str], gpus: int, dtype: Optional[str] 
             continue
         run = max_over_ranks(a, t5, l, text=length, latent=(frames, lat[1], lat[2]), channels=a.in_channels,
                              dit_item=dt.itemsize, t5_item=dt.itemsize, latent_item=dt.itemsize)
+        decode = max(gather_sent(vae, lat, dt.itemsize, l.tp, l.sp, l.cfg == 2, t, s, c)
+                     for t in range(l.tp) for s in range(l.sp) for c in range(l.cfg))
         acts = layout_activations(r["activations"], l.sp, l.cfg)
         dev = None if None in acts.values() else sum(r["weights"].values()) + max(acts.values())
         out.append({"layout": l.name(), "tp": l.tp, "sp": l.sp, "cfg": l.cfg, "dp": gpus // l.ranks,
                     "weights": sum(r["weights"].values()), "activations": acts, "device_bytes": dev,
                     "per_step": run["per_step"], "bytes_per_step": step_total(run), "encode": run["encode"],
+                    "decode": decode,
                     "fits": None if gpu_memory is None or dev is None else dev <= gpu_memory})
     return out
+
+
+def _meta_vae(cfg):
+    """The VAE on the meta device with the engine's tiling (diffusers' default tiles): its tile grid only."""
+    from .engine.video import enable_bounded_decode
+    from .models import TPInfo, build_meta_model
+
+    vae = build_meta_model(cfg, TPInfo())
+    enable_bounded_decode(vae, None)
+    return vae
 
 
 def layout_activations(acts: dict, sp: int, cfg: int) -> dict:
@@ -288,15 +304,16 @@ def layout_activations(acts: dict, sp: int, cfg: int) -> dict:
 def layouts_table(rows: list[dict], gpus: int, gpu_memory: Optional[int]) -> str:
     mib = 1 << 20
     lines = [f"{gpus} GPUs: every valid (tp, sp, cfg) layout; bytes sent per step per rank (sat_dist/commcount.py "
-             f"convention, the largest SP rank)",
+             f"convention, the largest SP rank); decode: the VAE tiles' gathers per video, the largest rank",
              f"{'layout':<14} {'dp':>3} {'weights':>9} {'est.dev':>9} {'tp MiB':>9} {'sp MiB':>9} {'cfg MiB':>8} "
-             f"{'total MiB':>10} {'fits':>5}"]
+             f"{'total MiB':>10} {'decode MiB':>11} {'fits':>5}"]
     for r in rows:
         s = r["per_step"]
         dev = "n/a" if r["device_bytes"] is None else f"{r['device_bytes'] / GIB:.2f}G"
         fits = "-" if r["fits"] is None else ("yes" if r["fits"] else "no")
         lines.append(f"{r['layout']:<14} {r['dp']:>3} {r['weights'] / GIB:>8.2f}G {dev:>9} {s['tp'] / mib:>9.1f} "
-                     f"{s['sp'] / mib:>9.1f} {s['cfg'] / mib:>8.1f} {r['bytes_per_step'] / mib:>10.1f} {fits:>5}")
+                     f"{s['sp'] / mib:>9.1f} {s['cfg'] / mib:>8.1f} {r['bytes_per_step'] / mib:>10.1f} "
+                     f"{r['decode'] / mib:>11.1f} {fits:>5}")
     if gpu_memory is None:
         lines.append("fits: pass --gpu-memory (e.g. 80GiB)")
     return "\n".join(lines)

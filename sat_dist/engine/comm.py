@@ -17,8 +17,7 @@ Per DiT forward (batch b: 2 with sequential CFG, else 1; S = text + this rank's 
 One DiT forward per step (diffusers' pipelines and CogVideo's SAT sampler alike). Encode: the T5 forward
 per text (2 with diffusers' CFG: the negative prompt too; SAT: one, its unconditional is zeros), two
 all-reduces [1, L, d_model] per block. After the loop: the SP group's latents gather (the largest rank's
-rows, padded). The decode's gathers (kind "decode") depend on the VAE's tile grid and are counted, not
-predicted here.
+rows, padded). The decode's gathers (kind "decode"): from the VAE's tile grid (engine/decode.py `gather_sent`).
 """
 from __future__ import annotations
 
@@ -27,6 +26,7 @@ from typing import Optional
 
 from .. import commcount as cc
 from ..models.cogvideox.sequence import split_rows
+from .decode import gather_sent
 
 
 @dataclass(frozen=True)
@@ -70,11 +70,14 @@ def dit_forward_bytes(a, tp: int, sp: int, sp_rank: int, b: int, text: int, thw:
 
 def run_bytes(a, t5, layout: Layout, *, text: int, latent: tuple[int, int, int], channels: int,
               dit_item: int, t5_item: int, latent_item: int, cfg_on: bool = True, sat: bool = False,
-              sp_rank: int = 0) -> dict:
+              sp_rank: int = 0, vae=None, tp_rank: int = 0, pair_index: int = 0,
+              decode_latent: tuple[int, int, int] | None = None, vae_item: int | None = None) -> dict:
     """{"encode", "per_step", "decode"}: bytes by kind one rank (SP rank `sp_rank`) sends in one run.
     `a`: the DiT's arch; `t5`: the T5 config (d_model, num_layers); `latent`: (frames, height, width)
     of the latents the DiT sees (frames padded to the time patch); `channels`: the latents' channels
-    (the DiT's in_channels, halved for I2V); `latent_item`: the latents' element size in the loop."""
+    (the DiT's in_channels, halved for I2V); `latent_item`: the latents' element size in the loop. With
+    `vae` (the VAE module, tiling as the engine set it; meta is fine) the decode's gathers too, for TP rank
+    `tp_rank` of CFG replica `pair_index`, of `decode_latent` (default `latent`) in `vae_item` bytes."""
     tp, sp = layout.tp, layout.sp
     pair = layout.cfg == 2 and cfg_on
     zero = {k: 0 for k in cc.KINDS}
@@ -95,7 +98,8 @@ def run_bytes(a, t5, layout: Layout, *, text: int, latent: tuple[int, int, int],
     if sp > 1:
         most = max(stop - start for start, stop in rows) * ph
         dec["sp"] = cc.all_gather_bytes(lt * channels * most * lw * latent_item, sp)
-    dec["decode"] = None  # counted at run time (the VAE's tiles), not predicted
+    dec["decode"] = None if vae is None else gather_sent(
+        vae, decode_latent or latent, vae_item or latent_item, tp, sp, pair, tp_rank, sp_rank, pair_index)
     return {"encode": enc, "per_step": step, "decode": dec}
 
 

@@ -145,6 +145,27 @@ def splits(vae: nn.Module, z: torch.Tensor, group: Optional[WorkGroup]) -> bool:
     return z.shape[-1] > vae.tile_latent_min_width or z.shape[-2] > vae.tile_latent_min_height
 
 
+def gather_sent(vae: nn.Module, latent: tuple[int, int, int], item: int, tp: int, sp: int, pair: bool,
+                tp_rank: int = 0, sp_rank: int = 0, pair_index: int = 0) -> int:
+    """Bytes one rank sends in `tiled_decode`'s gathers (commcount's gather convention: each rank its own
+    contribution, the root nothing), predicted from the VAE's tiles and the latents' (frames, height, width):
+    every rank's buffer is the largest rank's tiles; the TP stage sends it, the SP stage the TP group's
+    stack, the CFG stage the TP x SP stack. 0 when the group does not split the decode (`splits`)."""
+    t, h, w = latent
+    size = tp * sp * (2 if pair else 1)
+    if size < 2 or not getattr(vae, "use_tiling", False) or not (w > vae.tile_latent_min_width or
+                                                                  h > vae.tile_latent_min_height):
+        return 0
+    mine = assign([tl for row in grid(vae, h, w) for tl in row], size)
+    s, frames = _spatial(vae), decoded_frames(vae, t)
+    buf = max(sum(vae.config.out_channels * frames * tl.h * s * tl.w * s for tl in ts) for ts in mine) * item
+    if tp > 1 and tp_rank:
+        return buf
+    if sp > 1 and sp_rank:
+        return tp * buf
+    return tp * sp * buf if pair and pair_index else 0
+
+
 def decode_tile(vae: nn.Module, z: torch.Tensor, tile: Tile) -> torch.Tensor:
     """One tile decoded as tiled_decode's inner loop does (`_decode` on a tile: frame batches, conv cache
     reset for the tile)."""
