@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return dry_run(args, spec)
     groups = adapters.batches(spec.loras)  # prompts of equal adapters run together; set_loras between groups
-    engine = load_engine(args.model or args.config, tp=args.tp, sp=args.sp, dtype=args.dtype, device=args.device,
+    engine = load_engine(spec.components, tp=args.tp, sp=args.sp, dtype=args.dtype, device=args.device,
                          timeout_s=args.timeout_s, runtime_timeout_s=args.runtime_timeout_s,
                          cfg_parallel=not args.no_cfg_parallel, lora=groups[0][0], lora_merge=not args.lora_unmerged,
                          lora_alpha=args.lora_alpha)

@@ -264,14 +264,15 @@ def _bar(total: int, show: bool):
     return tqdm(total=total, desc="denoise", unit="step")
 
 
-def load_engine(path_or_config: str | Sequence[str], tp: Optional[int] = None, *, sp: Optional[int] = None,
+def load_engine(path_or_config: str | Sequence[str] | Components, tp: Optional[int] = None, *, sp: Optional[int] = None,
                 dtype: Optional[str] = None, device: Optional[str] = None, report: Optional[str] = None,
                 timeout_s: Optional[float] = None, runtime_timeout_s: Optional[float] = None, cfg_parallel: bool = True,
                 vae_tiling: Optional[dict] = None, staging_mib: Optional[int] = None, lora: Sequence = (),
                 lora_merge: bool = True, lora_alpha: Optional[float] = None) -> Engine:
     """Load every component of a CogVideoX release on every rank of the job (see module docstring).
 
-    `path_or_config`: a diffusers pipeline folder, or CogVideo SAT YAML file(s). `sp`: sequence
+    `path_or_config`: a diffusers pipeline folder, or CogVideo SAT YAML file(s) (or their resolved Components,
+    whose LoadConfigs then already carry tp, dtype, device and the timeouts). `sp`: sequence
     parallel (Ulysses) size: each replica is tp x sp ranks, the video tokens split over the sp ranks
     inside each TP rank's heads (must divide num_attention_heads / tp; default 1). `cfg_parallel`: with
     an even number of replicas, pair them for CFG (world = 2 x tp x sp: one pair). `vae_tiling`:
@@ -282,7 +283,8 @@ def load_engine(path_or_config: str | Sequence[str], tp: Optional[int] = None, *
     t0 = time.perf_counter()
     common = {"tp": tp, "dtype": dtype, "device": device, "timeout_s": timeout_s, "staging_mib": staging_mib,
               "runtime_timeout_s": runtime_timeout_s}
-    parts = components_for(path_or_config, common)
+    # `sample` passes the Components its argument checks resolved (read once, not twice)
+    parts = path_or_config if isinstance(path_or_config, Components) else components_for(path_or_config, common)
     with_loras(parts, lora, lora_merge, lora_alpha)
     sp = 1 if sp is None else int(sp)
     first = parts.models["transformer"]
