@@ -74,22 +74,22 @@ class LoraSetup:
 
     def extend(self, plan: ReadPlan, index: CheckpointIndex, prefer: Sequence[str], op_bytes: int,
                dtype: Optional[torch.dtype]) -> ReadPlan:
-        """Add the external adapters' reads to `plan`; set the dtypes the merge needs (fp32 for the touched
-        base tensors and the factors when merging; the run's dtype for unmerged factors)."""
+        """Add the external adapters' reads to `plan`; set the dtypes the merge needs: merging, the touched base
+        tensors and the factors stay as stored (each goes to fp32 exactly, one tensor at a time, in
+        merge.apply: the peak is one fp32 copy, not all of them); unmerged factors take the run's dtype."""
         self.base_index, self.prefer, self.op_bytes = index, tuple(prefer), op_bytes
         self.base_dtype = dtype
         touched = {self.stored.get(n, n): n for n in self.plan.touched}
         for stored, name in touched.items():
             self.dtypes[name] = plan.targets[stored].dtype
-        factor_dtype = torch.float32 if self.merge else None
         for specs, idx in self.external:  # the factors' layouts are those of the base at its TP size
-            sub = make_plan(specs, self.tp, self.rank, idx, factor_dtype, (), op_bytes)
+            sub = make_plan(specs, self.tp, self.rank, idx, None, (), op_bytes)
             plan.targets.update(sub.targets)
             plan.ops.extend(sub.ops)
         plan.ops.sort(key=lambda op: (op.file, op.first_byte))
         for name, t in list(plan.targets.items()):
             if self.merge and (name in touched or name in self.plan.lora_names()):
-                plan.targets[name] = dataclasses.replace(t, dtype=torch.float32)
+                plan.targets[name] = dataclasses.replace(t, dtype=t.stored_dtype)
             elif not self.merge and name in self.plan.lora_names():
                 run = next(self.dtypes[m.base] for m in self.plan.merges if name in (m.a, m.b))
                 plan.targets[name] = dataclasses.replace(t, dtype=run)

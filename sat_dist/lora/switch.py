@@ -52,20 +52,19 @@ def _plan(old: LoraSetup, model: nn.Module, loras: Sequence[tuple[str, float]]) 
     new = dataclasses.replace(old, plan=lp, loras=list(loras), dtypes=dtypes)
     new.external = external_indices(lp, old.tp, old.rank, old.prefix)
     plan = ReadPlan(targets={})
-    factor_dtype = torch.float32 if old.merge else None
     if old.merge:  # the touched base rows, under the names they are stored with
         touched = sorted(old.plan.touched | lp.touched)
         specs = {old.stored.get(n, n): old.specs[n] for n in touched}
-        base = make_plan(specs, old.tp, old.rank, old.base_index, torch.float32, old.prefer, old.op_bytes)
+        base = make_plan(specs, old.tp, old.rank, old.base_index, None, old.prefer, old.op_bytes)  # as stored
         plan.targets.update(base.targets)
         plan.ops += base.ops
     in_ckpt = {n: s for a, m in zip(lp.adapters, lp.specs) if a.in_checkpoint for n, s in m.items()}
     if in_ckpt:
-        sub = make_plan(in_ckpt, old.tp, old.rank, old.base_index, factor_dtype, old.prefer, old.op_bytes)
+        sub = make_plan(in_ckpt, old.tp, old.rank, old.base_index, None, old.prefer, old.op_bytes)
         plan.targets.update(sub.targets)
         plan.ops += sub.ops
     for specs, idx in new.external:
-        sub = make_plan(specs, old.tp, old.rank, idx, factor_dtype, (), old.op_bytes)
+        sub = make_plan(specs, old.tp, old.rank, idx, None, (), old.op_bytes)
         plan.targets.update(sub.targets)
         plan.ops += sub.ops
     if not old.merge:  # unmerged factors in the run's dtype of their layer
