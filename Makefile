@@ -121,6 +121,12 @@ replicas: $(STAMP)
 # read == the read plan, peak RSS <= the rank's tensors + 300 MiB, seconds beside the limit (bench/real_bench.py).
 # Sparse replicas time no I/O: for timing, make replicas REPLICA_ARGS="--fill random", then BENCH_REAL_ARGS=--cold.
 BENCH_REAL_ARGS ?=
+# bench-lora : a rank-128 LoRA on the 5B DiT replica (make replicas first): load + LoRA against set_loras switches
+# (seconds, bytes read per rank; bench/lora_bench.py).
+.PHONY: bench-lora
+bench-lora: $(STAMP)
+	$(VENV)/bin/python bench/lora_bench.py --transformer $(REPLICA_DIR)/CogVideoX-5b/transformer $(BENCH_LORA_ARGS)
+
 .PHONY: bench-real
 bench-real: $(STAMP)
 	$(VENV)/bin/python bench/real_bench.py $(REPLICA_DIR) $(BENCH_REAL_ARGS)
