@@ -58,7 +58,6 @@ from sat_dist.writers.base import Want, owners, pack, parse_size
 from sat_dist.writers.sat import save_streaming
 from sat_rules import CONFIGS, full_state_dict, sat_split, write_sat_checkpoint
 from test_diffusers_load import _inputs, _reference, _released_config
-from test_sat_reference import sat_venv  # noqa: F401  (fixture: the .venv-sat reference interpreter)
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = CONFIGS["gqa"]  # 8 heads, 4 KV heads (SAT's ratio split of query_key_value), vocab-parallel: TP 1, 2, 4
