@@ -12,6 +12,7 @@ import re
 import sys
 from typing import Optional, Sequence
 
+from .convert_cli import add_convert_parser, cmd_convert
 from .errors import CheckpointError, ConfigError, SatDistError
 
 
@@ -91,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --engine: every valid (tp, sp, cfg) layout for N GPUs, its memory and bytes sent per step")
     plan.add_argument("--gpu-memory", default=None, help="with --gpus: the memory of one GPU (e.g. 80GiB): which fit")
     plan.set_defaults(overrides=[])
-    _add_convert_parser(sub)
+    add_convert_parser(sub)
     from .engine.command import add_arguments as add_sample_arguments
 
     sample = sub.add_parser("sample", help="CogVideoX: load DiT + T5 + VAE across the group, sample, write mp4s")
@@ -105,41 +106,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_sample_parser(sub)
     return parser
-
-
-def _add_convert_parser(sub) -> None:
-    conv = sub.add_parser("convert", help="convert any checkpoint to sat|safetensors|diffusers|dcp, streaming; "
-                                          "under torchrun each rank writes its own part")
-    conv.add_argument("src", help="any checkpoint `load` reads (SAT, DeepSpeed, safetensors, diffusers, DCP)")
-    conv.add_argument("dst", help="the new output folder (appears complete, or not at all)")
-    conv.add_argument("--to", required=True, choices=["sat", "safetensors", "diffusers", "dcp"])
-    conv.add_argument("--tp", type=int, default=None, help="model-parallel size of a SAT output (default 1)")
-    conv.add_argument("--shard-size", default="5GB", help="largest safetensors/diffusers file (default 5GB)")
-    conv.add_argument("--dtype", default=None, help="cast to fp32|fp16|bf16 (default: the stored dtype)")
-    conv.add_argument("--config", nargs="+", default=[], metavar="YAML", help="model config YAMLs, as for load")
-    conv.add_argument("--extra-keys", choices=["drop", "separate"], default="drop",
-                      help="tensors outside the model (a fine-tuned CogVideoX's conditioner.*): reported and "
-                           "dropped (default), or written to DST/extra/ as safetensors")
-    conv.add_argument("--force", action="store_true", help="replace an existing DST (once the new one is complete)")
-    conv.add_argument("--tag", default=None, help="iteration folder to read instead of what 'latest' says")
-    conv.add_argument("--weights", choices=["auto", "module", "fp32"], default=None, help="DeepSpeed: as for load")
-    conv.add_argument("--timeout", type=float, default=None, dest="timeout_s", help="seconds (default 300)")
-    conv.add_argument("--json", action="store_true", help="print the report as JSON (rank 0)")
-    conv.add_argument("--dry-run", action="store_true",
-                      help="plan the conversion (index, names, shapes, the writer's checks) and write nothing")
-    conv.set_defaults(overrides=[])
-
-
-def cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert
-    from .launch import detect_launch
-
-    report = convert(args.src, args.dst, args.to, tp=args.tp, shard_size=args.shard_size, dtype=args.dtype,
-                     config=args.config, overrides=args.overrides, extra_keys=args.extra_keys, force=args.force,
-                     tag=args.tag, weights=args.weights, timeout_s=args.timeout_s, dry_run=args.dry_run)
-    if args.dry_run or detect_launch().rank == 0:
-        print(json.dumps(report.to_dict(), indent=2) if args.json else report.table(), flush=True)
-    return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -50,6 +50,7 @@ from .formats.safetensors_header import read_header, read_weight_map
 from .formats.torchfile import load_structure, locate
 from .index import CheckpointIndex, Piece, StoredTensor
 from .launch import detect_launch
+from .lora import fetch as lora_fetch
 from .materialize import materialize
 from .models import TPInfo, build_meta_model, check_tp, collect_specs
 from .placement import REPLICATED, Replicate, TensorSpec
@@ -117,19 +118,22 @@ def convert(src: str, dst: str, to: str, *, tp: Optional[int] = None, shard_size
             dtype: Optional[str] = None, config: Union[str, Sequence[str], None] = None,
             overrides: Sequence[str] = (), extra_keys: str = "drop", force: bool = False,
             tag: Optional[str] = None, weights: Optional[str] = None,
-            timeout_s: Optional[float] = None, dry_run: bool = False) -> ConvertReport:
+            timeout_s: Optional[float] = None, dry_run: bool = False, lora: Sequence = (),
+            lora_alpha: Optional[float] = None) -> ConvertReport:
     """Convert `src` into a new folder `dst` in format `to` (sat|safetensors|diffusers|dcp) on every
     rank of the job (torchrun/SLURM/MPI, or one process). `tp`: mp size of a SAT output;
     `shard_size`: largest safetensors shard (`5GB`, `500MiB`, bytes); `dtype`: cast (fp32|fp16|bf16);
     `config`/`overrides`: as `load`; `extra_keys`: drop|separate (tensors outside the model). `dry_run`:
     plan the conversion (the source indexed, every tensor mapped, the writer's checks) in this process
-    alone, read no tensor byte, write nothing."""
+    alone, read no tensor byte, write nothing. `lora`: adapters (PATH[:STRENGTH]) merged into the output (a
+    LoraMixin fine-tune source is merged too; `lora_alpha`: its lora_alpha), as a merged load at TP=1."""
     t0 = time.perf_counter()
     writer = writer_for(to)
     if extra_keys not in ("drop", "separate"):
         raise ConfigError(f"--extra-keys must be drop or separate, got {extra_keys!r}")
     files = [config] if isinstance(config, str) else list(config or [])
-    cfg = resolve(src, files, overrides, dtype=dtype, tag=tag, timeout_s=timeout_s, weights=weights)
+    cfg = resolve(src, files, overrides, dtype=dtype, tag=tag, timeout_s=timeout_s, weights=weights,
+                  lora=list(lora) or None, lora_alpha=lora_alpha)
     out_tp = 1 if tp is None else int(tp)
     if to != "sat" and out_tp != 1:
         raise ConfigError(f"--tp {out_tp} sets the model-parallel size of a SAT output; {to} holds full tensors: drop --tp")
@@ -166,6 +170,7 @@ class _Prepared:
     dtype: Optional[torch.dtype]
     extras: CheckpointIndex
     source_format: str
+    lora: Optional[lora_fetch.LoraSetup] = None  # the adapters merged into the output
 
 
 def _check_paths(src: str, dst: str, force: bool) -> None:
@@ -193,8 +198,11 @@ def _prepare(rt: Runtime, cfg: LoadConfig, writer, dst: str, tp: int, limit: int
     model = build_meta_model(cfg.model, TPInfo(1, 0, None))
     specs = collect_specs(model)
     prefix = getattr(model, "checkpoint_prefix", "")
+    setup = lora_fetch.prepare(cfg, specs, prefix)  # before the base is indexed: a wrong LoRA fails first
     reader = formats.reader_for(cfg.checkpoint, cfg.tag)
-    index, prefer = reader.index(IndexRequest(cfg.checkpoint, specs, 1, 0, cfg.tag, prefix, cfg.weights))
+    index, prefer = reader.index(IndexRequest(cfg.checkpoint, setup.reader_specs(specs) if setup else specs, 1, 0,
+                                              cfg.tag, prefix, cfg.weights))
+    index = lora_fetch.rekey(index, setup)
     absent = index.meta.get("absent", {})
     dtype = cfg.torch_dtype or index.meta.get("default_dtype")
     names = sorted(n for n in specs if n not in absent)
@@ -206,7 +214,7 @@ def _prepare(rt: Runtime, cfg: LoadConfig, writer, dst: str, tp: int, limit: int
               iteration=_iteration(index.meta.get("tag")), rank=rt.rank, world=rt.world_size)
     writer.check(job)
     extras = find_extras(reader.NAME, cfg.checkpoint, cfg.tag, index.meta.get("key_prefix", prefix))
-    return _Prepared(job, index, prefer, dtype, extras, index.format)
+    return _Prepared(job, index, prefer, dtype, extras, index.format, setup)
 
 
 def find_extras(reader: str, path: str, tag: Optional[str], prefix: str) -> CheckpointIndex:
@@ -309,6 +317,8 @@ def _run(rt: Runtime, cfg: LoadConfig, writer, dst: str, tp: int, limit: int, se
     # materialize may keep several staging buffers of one op each: ops of 1/8 of the budget
     op_bytes = max(1, (cfg.staging_mib << 20) // 8)
     fetch = _Fetcher(prep.index, prep.prefer, prep.dtype, op_bytes)
+    if prep.lora is not None:
+        fetch = lora_fetch.MergingFetch(fetch, prep.lora, prep.index, prep.prefer, job.dtypes, op_bytes)
     extra_wants = _extra_wants(prep.extras)
     mine: list[Written] = []
     try:

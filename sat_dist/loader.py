@@ -203,7 +203,8 @@ def _load_component(rt: Runtime, cfg: LoadConfig, model: nn.Module, specs: dict,
     if cfg.verify:  # the blocks under this rank's own reads (what it receives, its sender verified),
         err = None      # agreed before any collective of the read phase: every rank raises the same error
         try:
-            verify_load(plan, cfg.checkpoint, cfg.verify if isinstance(cfg.verify, str) else None, share.read)
+            verify_load(lsetup.base_only(plan), cfg.checkpoint, cfg.verify if isinstance(cfg.verify, str) else None,
+                        share.read)
         except Exception as exc:
             err = exc
         agree_phase(rt, "verify", err, cfg.timeout_s)

@@ -111,3 +111,10 @@ def test_inspect_a_peft_lora(pipe, capsys):
     assert out.returncode == 0, out.stderr
     assert "format: LoRA (PEFT / diffusers), 8 adapted modules, rank [4]" in out.stdout
     assert "lora_alpha 8 / r 4 = 2 x strength" in out.stdout and "layers: 2 (0..1)" in out.stdout
+
+
+def test_verify_checks_the_checkpoint_and_not_the_adapter(pipe, tmp_path, capsys):
+    transformer = os.path.join(pipe["root"], "transformer")
+    assert _main(capsys, "manifest", transformer).returncode == 0  # the adapter's folder has none
+    out = _main(capsys, "load", transformer, "--verify", "--lora", pipe["a"])
+    assert out.returncode == 0, out.stderr

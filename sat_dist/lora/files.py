@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
-from ..errors import ConfigError, LoraError
+from ..errors import CheckpointError, ConfigError, LoraError
 from ..formats import diffusers_map
 from ..formats import sat as sat_format
 from ..formats.safetensors_header import read_header
@@ -265,7 +265,10 @@ def has_sat_lora(path: str, prefix: str = "", tag: Optional[str] = None) -> bool
     """Whether SAT checkpoint `path` is a LoraMixin fine-tune (its first mp file holds matrix_A/B)."""
     if not sat_format.recognise(path, tag):
         return False
-    ckpt = sat_format.discover(path, tag)
+    try:
+        ckpt = sat_format.discover(path, tag)
+    except CheckpointError:  # not SAT's layout (a DeepSpeed ZeRO-3 folder has `latest` but no mp files):
+        return False         # its own reader says what it holds
     obj = load_structure(ckpt.files[0])
     module = obj.get("module") if isinstance(obj, dict) else None
     return isinstance(module, dict) and bool(sat_lora_keys(module, prefix))

@@ -95,6 +95,15 @@ class LoraSetup:
                 plan.targets[name] = dataclasses.replace(t, dtype=run)
         return plan
 
+    def base_only(self, plan: ReadPlan) -> ReadPlan:
+        """`plan` without the reads of adapters in their own files (`--verify` checks the checkpoint's
+        reads against its manifest; an adapter file is not in it)."""
+        own = {n for specs, _ in self.external for n in specs}
+        if not own:
+            return plan
+        return ReadPlan({n: t for n, t in plan.targets.items() if n not in own},
+                        [op for op in plan.ops if op.name not in own])
+
     def apply(self, tensors: dict, model: nn.Module) -> None:
         merge.apply(self.plan, tensors, self.dtypes, model, self.merge)
         setattr(model, STATE_ATTR, self)
