@@ -1,4 +1,4 @@
-"""LoRA on the command line (`sat_dist.cli.main` in this process; the sampling runs as `python -m sat_dist`):
+"""LoRA on the command line (`sat_dist.cli.main`, as `sat-dist` runs it, in this process):
 
 * `sample --dry-run` lists each prompt's adapters (the command line's, a `--prompts` line's own, `none`);
 * `sample` with a LoRA for another model exits 1 before loading anything, naming the file and the tensor;
@@ -10,7 +10,6 @@
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,7 +19,6 @@ import torch
 from engine_fixtures import write_pipeline
 from lora_fixtures import write_peft_lora
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 SIZE = ["--frames", "9", "--height", "32", "--width", "48", "--steps", "2"]
 
 
@@ -30,11 +28,6 @@ def _main(capsys, *args):
     rc = main(list(args))
     out = capsys.readouterr()
     return subprocess.CompletedProcess(args, rc, out.out, out.err)
-
-
-def _run(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "sat_dist", *args], capture_output=True, text=True, env=ENV,
-                          timeout=300, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -75,17 +68,17 @@ def _frames(path):
     return np.asarray(iio.imread(path))
 
 
-def test_prompts_with_their_own_adapters_equal_single_runs(pipe, tmp_path):
+def test_prompts_with_their_own_adapters_equal_single_runs(pipe, tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text(f"a red panda\na cat --lora {pipe['b']}:0.5\na dog --lora none\n")
-    out = _run("sample", "--model", pipe["root"], "--prompts", str(prompts), "--out-dir", str(tmp_path / "v"),
+    out = _main(capsys, "sample", "--model", pipe["root"], "--prompts", str(prompts), "--out-dir", str(tmp_path / "v"),
                "--lora", f"{pipe['a']}:0.8", *SIZE)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("LoRA switched to") == 2
     names = sorted(os.listdir(tmp_path / "v"))
     assert names == ["000_a_red_panda.mp4", "001_a_cat.mp4", "002_a_dog.mp4"]
-    single = _run("sample", "--model", pipe["root"], "--prompt", "a cat", "--out", str(tmp_path / "cat.mp4"),
-                  "--lora", f"{pipe['b']}:0.5", *SIZE)
+    single = _main(capsys, "sample", "--model", pipe["root"], "--prompt", "a cat", "--out", str(tmp_path / "cat.mp4"),
+                   "--lora", f"{pipe['b']}:0.5", *SIZE)
     assert single.returncode == 0, single.stderr
     assert np.array_equal(_frames(tmp_path / "cat.mp4"), _frames(tmp_path / "v" / "001_a_cat.mp4"))
     assert not np.array_equal(_frames(tmp_path / "v" / "000_a_red_panda.mp4"),
