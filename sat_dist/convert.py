@@ -59,7 +59,7 @@ from .report import peak_rss_bytes
 from .runtime import Runtime
 from .writer import model_config_dict
 from .writers import writer_for
-from .writers.base import Job, Want, Written, fsync_path, parse_size
+from .writers.base import Job, Want, Written, parse_size, publish
 from .writers.safetensors import write_index, write_shards
 
 CPU = torch.device("cpu")
@@ -375,25 +375,3 @@ def _run(rt: Runtime, cfg: LoadConfig, writer, dst: str, tp: int, limit: int, se
 
 def _under(folder: str, written: list[Written]) -> list[Written]:
     return [Written(os.path.join(folder, w.file), w.bytes) for w in written]
-
-
-def publish(tmp: str, dst: str, force: bool) -> None:
-    """fsync every folder of `tmp`, then rename it to `dst`. With `force`, an existing `dst` is
-    moved aside first and removed only after the rename (put back if the rename fails)."""
-    for folder, _, _ in os.walk(tmp):
-        fsync_path(folder)
-    old = None
-    if os.path.lexists(dst):
-        if not force:
-            raise ConfigError(f"{dst} appeared while converting: pass --force to replace it")
-        old = f"{tmp}.old"
-        os.rename(dst, old)
-    try:
-        os.rename(tmp, dst)
-    except BaseException:
-        if old:
-            os.rename(old, dst)
-        raise
-    fsync_path(os.path.dirname(dst))
-    if old:
-        shutil.rmtree(old)

@@ -37,3 +37,20 @@ def sat_venv() -> Path:
     if proc.stdout.strip():
         print(f"\n{proc.stdout.strip()} (fixture {time.perf_counter() - t:.0f} s)")
     return SAT_VENV
+
+
+def run_sat_script(sat_venv: Path, script: Path, out: Path, nproc: int, what: str) -> dict:
+    """Run `script` with the reference SAT under torchrun (`nproc` gloo ranks, `--out out`); returns the
+    manifest.json it wrote, whose SAT version must be 0.4.12. Fails (never skips) with SAT's output."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+    env.update(OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
+    cmd = [str(sat_venv / "bin" / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", str(script),
+           "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 or not (out / "manifest.json").exists():
+        pytest.fail(f"{what} failed (rc {proc.returncode}):\n{_tail(proc.stdout + proc.stderr)}")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["sat_version"] == "0.4.12", manifest
+    return manifest

@@ -12,7 +12,6 @@
 * `--prompts` lines with their own adapters, and the groups the engine switches between.
 """
 import json
-import os
 
 import pytest
 import torch

@@ -38,13 +38,12 @@ If the reference venv cannot be built or SAT fails, the tests fail (never skip).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import run_sat_script
 from sat_dist.testing.dist import run_ranks, values
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,23 +56,11 @@ TPS = (1, 2)
 SAVED_MP = (1, 2)
 
 
-def _tail(s: str, n: int = 6000) -> str:
-    return s[-n:]
-
-
 @pytest.fixture(scope="module")
 def lora_ref(sat_venv, tmp_path_factory) -> Path:
     """Run SAT once (torchrun, 2 ranks) and return the folder it wrote."""
     out = tmp_path_factory.mktemp("sat_lora")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
-    env.update(OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
-    cmd = [str(sat_venv / "bin" / "torchrun"), "--standalone", f"--nproc_per_node={MP_RANKS}",
-           str(GEN), "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0 or not (out / "manifest.json").exists():
-        pytest.fail(f"SAT LoRA reference generation failed (rc {proc.returncode}):\n{_tail(proc.stdout + proc.stderr)}")
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["sat_version"] == "0.4.12", manifest
+    manifest = run_sat_script(sat_venv, GEN, out, MP_RANKS, "SAT LoRA reference generation")
     assert (manifest["r"], manifest["alpha"]) == (R, ALPHA), manifest
     return out
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import run_sat_script
 from sat_dist.testing.dist import run_ranks, values
 from sat_ref import configs as C
 
@@ -45,15 +46,7 @@ def _tail(s: str, n: int = 6000) -> str:
 def sat_ref(sat_venv, tmp_path_factory) -> Path:
     """Run SAT once (torchrun, 4 ranks) and return the folder it wrote."""
     out = tmp_path_factory.mktemp("sat_ref")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
-    env.update(OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
-    cmd = [str(sat_venv / "bin" / "torchrun"), "--standalone", f"--nproc_per_node={max(C.TP_SIZES)}",
-           str(GEN), "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0 or not (out / "manifest.json").exists():
-        pytest.fail(f"SAT reference generation failed (rc {proc.returncode}):\n{_tail(proc.stdout + proc.stderr)}")
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["sat_version"] == "0.4.12", manifest
+    manifest = run_sat_script(sat_venv, GEN, out, max(C.TP_SIZES), "SAT reference generation")
     assert set(manifest["configs"]) == set(C.CONFIGS)
     return out
 

@@ -39,7 +39,7 @@ from ..materialize import materialize
 from ..models import TPInfo, build_meta_model, collect_specs
 from ..placement import TensorSpec
 from ..plan import make_plan
-from ..writers.base import fsync_path
+from ..writers.base import fsync_path, publish
 from . import files
 from .load import external_indices, lora_config
 from .plan import plan_loras
@@ -276,7 +276,7 @@ def _to_sat(src, dst, model_config, force) -> ExportReport:
         with open(os.path.join(tmp, files.SAT_LORA_CONFIG), "w") as fh:
             json.dump({"r": r, "lora_alpha": lora_alpha, "target": "sat.model.finetune.lora2.LoraMixin",
                        "layer_range": sorted(int(x.rsplit(".", 1)[-1]) for x in layers)}, fh, indent=2)
-        _publish_dir(tmp, dst, force)
+        publish(tmp, dst, force, files=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -293,26 +293,3 @@ def _peft_alpha(src: str, r: int, scale: float) -> float:
     except (TypeError, ValueError, AttributeError):
         return scale * r
     return alpha if alpha / r == scale else scale * r
-
-
-def _publish_dir(tmp: str, dst: str, force: bool) -> None:
-    """fsync `tmp`'s files and folders, then rename it to `dst` (an existing `dst` replaced only with `force`)."""
-    for folder, _, names in os.walk(tmp):
-        for n in names:
-            fsync_path(os.path.join(folder, n))
-        fsync_path(folder)
-    old = None
-    if os.path.lexists(dst):
-        if not force:
-            raise ConfigError(f"{dst} appeared while converting: pass --force to replace it")
-        old = f"{tmp}.old"
-        os.rename(dst, old)
-    try:
-        os.rename(tmp, dst)
-    except BaseException:
-        if old:
-            os.rename(old, dst)
-        raise
-    fsync_path(os.path.dirname(os.path.abspath(dst)))
-    if old:
-        shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.remove(old)

@@ -30,7 +30,7 @@ from typing import Mapping, Optional, Sequence
 from ..errors import CheckpointError, ConfigError, LoraError
 from ..formats import diffusers_map
 from ..formats import sat as sat_format
-from ..formats.safetensors_header import read_header
+from ..formats.safetensors_header import parse_json_object, read_header
 from ..formats.torchfile import load_structure, locate
 from ..placement import Box, Fragment, TensorSpec
 
@@ -100,12 +100,7 @@ def _peft_meta(path: str, meta: Mapping[str, str]) -> Optional[dict]:
     raw = meta.get(PEFT_META)
     if raw is None:
         return None
-    try:
-        obj = json.loads(raw)
-    except ValueError as exc:
-        raise LoraError(f"{path}: header {PEFT_META} is not JSON ({exc}); re-save the LoRA") from exc
-    if not isinstance(obj, dict):
-        raise LoraError(f"{path}: header {PEFT_META} holds a JSON {type(obj).__name__}, not an object")
+    obj = parse_json_object(path, raw.encode(), f"header's {PEFT_META}")
     return {k.removeprefix("transformer."): v for k, v in obj.items()}
 
 

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence, Union
 
@@ -173,3 +174,28 @@ def parse_size(text: Union[str, int]) -> int:
     if size < 1:
         raise ConfigError(f"--shard-size must be positive, got {text!r}")
     return size
+
+
+def publish(tmp: str, dst: str, force: bool, files: bool = False) -> None:
+    """fsync every folder of `tmp` (and, with `files`, every file in it), then rename it to `dst`. With
+    `force`, an existing `dst` is moved aside first and removed only after the rename (put back if the
+    rename fails). convert's outputs and the LoRA exports appear complete or not at all."""
+    for folder, _, names in os.walk(tmp):
+        for n in names if files else ():
+            fsync_path(os.path.join(folder, n))
+        fsync_path(folder)
+    old = None
+    if os.path.lexists(dst):
+        if not force:
+            raise ConfigError(f"{dst} appeared while converting: pass --force to replace it")
+        old = f"{tmp}.old"
+        os.rename(dst, old)
+    try:
+        os.rename(tmp, dst)
+    except BaseException:
+        if old:
+            os.rename(old, dst)
+        raise
+    fsync_path(os.path.dirname(os.path.abspath(dst)))
+    if old:
+        shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
