@@ -4,6 +4,8 @@ independent SAT merge (the inverse of tests/sat_rules.sat_split). Nothing here u
 placement code, so a wrong placement or a wrong ZeRO offset in sat_dist cannot hide."""
 from __future__ import annotations
 
+import contextlib
+import importlib.abc
 import json
 import math
 import os
@@ -168,16 +170,43 @@ def local_expectation(exp: Expected, cfg: dict, tp: int, tp_rank: int,
     return out, share
 
 
+class _RefuseDeepSpeed(importlib.abc.MetaPathFinder):
+    def __init__(self) -> None:
+        self.attempts: list[str] = []
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "deepspeed" or name.startswith("deepspeed."):
+            self.attempts.append(name)
+            raise ImportError(f"{name}: sat_dist's load path must not import deepspeed")
+        return None
+
+
+@contextlib.contextmanager
+def deepspeed_blocked():
+    """Inside, deepspeed cannot be imported, even when this process imported it before (another test's
+    in-process diffusers/accelerate does): its modules are set aside and every import of it is refused and
+    recorded in the list this yields. "deepspeed" in sys.modules would only say what the process inherited."""
+    saved = {k: sys.modules.pop(k) for k in list(sys.modules) if k == "deepspeed" or k.startswith("deepspeed.")}
+    finder = _RefuseDeepSpeed()
+    sys.meta_path.insert(0, finder)
+    try:
+        yield finder.attempts
+    finally:
+        sys.meta_path.remove(finder)
+        sys.modules.update(saved)
+
+
 def load_rank(rank: int, path: str, tp: int, overrides: list[str], weights: Optional[str] = None,
               dtype: Optional[str] = None, tag: Optional[str] = None):
-    """Runs on a forked rank: load through the public API, return state, report and whether
-    deepspeed got imported."""
+    """Runs on a forked rank: load through the public API with deepspeed unimportable; return state,
+    report and whether the load path tried to import deepspeed."""
     import sat_dist
 
-    model, rep = sat_dist.load_model(path, tp=tp, overrides=overrides, weights=weights, dtype=dtype, tag=tag,
-                                     return_report=True, timeout_s=60, digest=True, exchange="off")
+    with deepspeed_blocked() as attempts:
+        model, rep = sat_dist.load_model(path, tp=tp, overrides=overrides, weights=weights, dtype=dtype, tag=tag,
+                                         return_report=True, timeout_s=60, digest=True, exchange="off")
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    return state, rep.ranks[rank], "deepspeed" in sys.modules
+    return state, rep.ranks[rank], bool(attempts)
 
 
 def load_error(rank: int, path: str, tp: int, overrides: list[str], weights: Optional[str] = None) -> str:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from sat_dist.testing.dist import run_ranks, values
-from ds_testlib import (case, expected, fixtures, fp32_partition_keys, load_rank, local_expectation,
+from ds_testlib import (case, deepspeed_blocked, expected, fixtures, fp32_partition_keys, load_rank, local_expectation,
                         poison_all_but, warm_up)
 from sat_dist.formats import ds_pickle
 from sat_dist.formats.torchfile import allowed_globals, load_structure
@@ -25,6 +25,13 @@ DS_GLOBALS = {"deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.runtime.
               "deepspeed.utils.tensor_fragment.fragment_address"}
 NUMPY_GLOBALS = {"numpy.ndarray", "numpy._core.multiarray._reconstruct", "numpy.dtype"}
 
+
+
+@pytest.fixture
+def ds_attempts():
+    """The test runs with deepspeed unimportable (ds_testlib.deepspeed_blocked); its tries are listed."""
+    with deepspeed_blocked() as attempts:
+        yield attempts
 
 def _all_files(tmp_path_factory):
     out = []
@@ -50,7 +57,7 @@ def test_real_files_pickle_only_stubbed_globals(tmp_path_factory):
     assert seen <= allowed
 
 
-def test_optim_files_load_weights_only_without_deepspeed(tmp_path_factory):
+def test_optim_files_load_weights_only_without_deepspeed(tmp_path_factory, ds_attempts):
     """Plain torch.load(weights_only=True) refuses a real optim file; with the stubs registered
     it loads (real tensors, mmap) and the stub objects carry DeepSpeed's values."""
     c = case(tmp_path_factory, "dp2", "z2_fp32")
@@ -65,7 +72,7 @@ def test_optim_files_load_weights_only_without_deepspeed(tmp_path_factory):
     first = next(iter(osd["param_slice_mappings"][0].values()))
     assert isinstance(first, ds_pickle.fragment_address) and first.numel > 0
     assert osd["partition_count"] == [2] and osd["single_partition_of_fp32_groups"][0].dtype == torch.float32
-    assert "deepspeed" not in sys.modules
+    assert not ds_attempts
 
 
 def test_sat_training_checkpoint_client_state(tmp_path_factory):
@@ -115,7 +122,7 @@ def _inspect(*argv):
     return out.getvalue()
 
 
-def test_inspect(tmp_path_factory):
+def test_inspect(tmp_path_factory, ds_attempts):
     c = case(tmp_path_factory, "dp4", "z3_fp32")
     info = json.loads(_inspect(c.ckpt, "--json"))
     ref = c.ref("zero_to_fp32.pt")
@@ -140,7 +147,7 @@ def test_inspect(tmp_path_factory):
     assert (info["mp_size"], info["dp_size"], len(info["files"])) == (2, 2, 6)
     info = json.loads(_inspect(case(tmp_path_factory, "dp2", "z1_bf16_fp32acc").ckpt, "--json"))
     assert (info["stage"], info["optimizer"]) == (1, "BF16_Optimizer")
-    assert "deepspeed" not in sys.modules
+    assert not ds_attempts
 
 
 def test_cli_under_torchrun(tmp_path_factory, tmp_path):

@@ -45,6 +45,9 @@ KINDS = ["2b", "5b", "5b_i2v", "15", "15_i2v"]
 LATENT_H = {"5b": 10}  # latent rows; 5 token rows: every SP size splits them unevenly (the others: 8 -> 4)
 # (tp, sp, cfg parallel): every layout with sp > 1 that fits in 4 ranks
 LAYOUTS = [(1, 2, False), (1, 3, False), (2, 2, False), (1, 2, True), (1, 4, False)]
+# 6 and 8 ranks (`make test-wide`, not the default suite: 8 processes on a 2-core CI machine): the rest of
+# {1, 2} x {1, 2, 3} x {off, on} for the 5B-style pipeline
+WIDE = [(2, 3, False), (1, 3, True), (2, 2, True)] if os.environ.get("SAT_DIST_WIDE_LAYOUTS") == "1" else []
 WORST: dict = {}
 
 
@@ -228,7 +231,7 @@ def test_engine_sp_equals_tp1(pipelines, kind):
     root, size, image = pipelines[kind]
     (ref,) = values(run_ranks(1, _sample, root, 1, 1, False, size, image))
     assert len(ref["steps"]) == STEPS and ref["sp_group"] is None
-    layouts = LAYOUTS if kind == "5b" else LAYOUTS[:4]
+    layouts = LAYOUTS + WIDE if kind == "5b" else LAYOUTS[:4]
     for tp, sp, cfg in layouts:
         results = values(run_ranks(tp * sp * (2 if cfg else 1), _sample, root, tp, sp, cfg, size, image))
         _check_layout(results, ref, tp, sp, cfg, kind)
