@@ -78,12 +78,6 @@ test: $(STAMP)
 # fuzz : the hypothesis fuzz targets (tests/test_fuzz.py) with FUZZ_EXAMPLES (5000) examples each.
 SOAK_TRIALS ?= 50
 FUZZ_EXAMPLES ?= 5000
-# test-wide : the sequence-parallel layouts of 6 and 8 forked ranks (TP 2 x SP 3, SP 3 x CFG 2, TP 2 x SP 2 x CFG 2)
-# against TP 1, beside the default suite's layouts of up to 4 ranks.
-.PHONY: test-wide
-test-wide: $(STAMP)
-	SAT_DIST_WIDE_LAYOUTS=1 $(VENV)/bin/python -m pytest -q -s "tests/test_sequence_parallel.py::test_engine_sp_equals_tp1[5b]"
-
 soak: $(STAMP)
 	$(VENV)/bin/python tests/fault_lib.py --trials $(SOAK_TRIALS) $(SOAK_ARGS)
 fuzz: $(STAMP)
