@@ -216,14 +216,18 @@ def test_42_layer_lora(tmp_path, capsys):
     assert sorted(module) == sorted(PREFIX + k for k in factors)
     assert all(torch.equal(module[PREFIX + k], v) for k, v in factors.items())
     assert json.load(open(os.path.join(back, "lora_config.json")))["lora_alpha"] == ALPHA
-    # the CLI without --lora-alpha: LoraMixin's default 1, said in the summary and written in the metadata
+    # the CLI without --lora-alpha (and a YAML without lora_config): refused, nothing written — SAT saves the
+    # alpha nowhere, and a guessed one would write a LoRA of the wrong scale; with it, the metadata holds it
     capsys.readouterr()
     assert cli_main(["convert", src, str(tmp_path / "cli.safetensors"), "--to", "diffusers-lora",
-                     "--config", yaml_path]) == 0
-    assert "LoraMixin's default 1" in capsys.readouterr().out
+                     "--config", yaml_path]) == 1
+    assert "pass --lora-alpha" in capsys.readouterr().err and not os.path.exists(tmp_path / "cli.safetensors")
+    assert cli_main(["convert", src, str(tmp_path / "cli.safetensors"), "--to", "diffusers-lora",
+                     "--config", yaml_path, "--lora-alpha", "3"]) == 0
+    assert "lora_alpha 3 (given)" in capsys.readouterr().out
     from lora_fixtures import lora_metadata
 
-    assert lora_metadata(str(tmp_path / "cli.safetensors"))["transformer.lora_alpha"] == 1
+    assert lora_metadata(str(tmp_path / "cli.safetensors"))["transformer.lora_alpha"] == 3
 
 
 # --------------------------------------------------------------------------- diffusers -> SAT -> load

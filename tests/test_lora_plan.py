@@ -162,13 +162,13 @@ def test_sat_alpha_is_given_or_read_never_guessed(tmp_path):
     folder = tmp_path / "lora"
     folder.mkdir()
     with pytest.raises(LoraError, match="--lora-alpha"):
-        files._sat_alpha(str(folder), None)
-    assert files._sat_alpha(str(folder), 2.0) == (2.0, "given")
+        files.sat_alpha(str(folder), None)
+    assert files.sat_alpha(str(folder), 2.0) == (2.0, "given")
     (folder / files.SAT_LORA_CONFIG).write_text(json.dumps({"r": 4, "lora_alpha": 64}))
-    assert files._sat_alpha(str(folder), None) == (64.0, files.SAT_LORA_CONFIG)
+    assert files.sat_alpha(str(folder), None) == (64.0, files.SAT_LORA_CONFIG)
     (folder / files.SAT_LORA_CONFIG).write_text(json.dumps({"lora_alpha": "x"}))
     with pytest.raises(LoraError, match="positive number"):
-        files._sat_alpha(str(folder), None)
+        files.sat_alpha(str(folder), None)
 
 
 # --- --prompts lines -------------------------------------------------------------------------------

@@ -131,28 +131,16 @@ def _one_rank(adapter: files.AdapterFile) -> int:
 
 # --- SAT LoraMixin -> diffusers / PEFT ------------------------------------------------------------
 
-def _sat_alpha(src: str, alpha: Optional[float], cfg) -> tuple[float, str]:
-    if alpha is not None:
-        return float(alpha), "given"
-    yaml_lora = lora_config(cfg.model)
-    if yaml_lora is not None:
-        return float(yaml_lora.get("lora_alpha", 1.0)), "the YAML's lora_config" + (
-            "" if "lora_alpha" in yaml_lora else " (no lora_alpha: LoraMixin's default 1)")
-    if os.path.isfile(os.path.join(src, files.SAT_LORA_CONFIG)):
-        return _json_alpha(src)
-    return 1.0, "not given and not saved: LoraMixin's default 1 (pass --lora-alpha if the fine-tune used another)"
-
-
-def _json_alpha(src: str) -> tuple[float, str]:
-    where = os.path.join(src, files.SAT_LORA_CONFIG)
-    try:
-        with open(where) as fh:
-            value = json.load(fh).get("lora_alpha")
-    except (OSError, ValueError, AttributeError) as exc:
-        raise LoraError(f"cannot read {where}: {exc}") from exc
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise LoraError(f"{where}: lora_alpha must be a positive number, got {value!r}")
-    return float(value), files.SAT_LORA_CONFIG
+def sat_alpha(src: str, alpha: Optional[float], cfg) -> tuple[float, str]:
+    """LoraMixin's lora_alpha by the load's rule: given, else the YAML's lora_config (LoraMixin's default 1 when
+    it names none), else the folder's lora_config.json, else refused (files.sat_alpha): a guessed alpha would
+    write a LoRA of the wrong scale."""
+    if alpha is None:
+        yaml_lora = lora_config(cfg.model)
+        if yaml_lora is not None:
+            return float(yaml_lora.get("lora_alpha", 1.0)), "the YAML's lora_config" + (
+                "" if "lora_alpha" in yaml_lora else " (no lora_alpha: LoraMixin's default 1)")
+    return files.sat_alpha(src, alpha)
 
 
 def _diffusers_module(pair: files.Pair, specs: Mapping[str, TensorSpec], where: str) -> str:
@@ -172,7 +160,7 @@ def _to_diffusers(src, dst, alpha, model_config, tag, force) -> ExportReport:
     if not files.has_sat_lora(src, prefix, tag):
         raise LoraError(f"{src}: no SAT LoRA tensors (<linear>.matrix_A.N / matrix_B.N under {prefix!r}); "
                         f"--to diffusers-lora converts a SAT LoraMixin checkpoint")
-    value, how = _sat_alpha(src, alpha, cfg)
+    value, how = sat_alpha(src, alpha, cfg)
     yaml_lora = lora_config(cfg.model)
     adapter = files.sat_adapter(src, specs, prefix, tag, value, expect_r=(yaml_lora or {}).get("r"))
     r = _one_rank(adapter)

@@ -188,7 +188,7 @@ def sat_adapter(path: str, specs: Mapping[str, TensorSpec], prefix: str = "", ta
         raise LoraError(f"{path}: no SAT LoRA tensors (<linear>.matrix_A.N / matrix_B.N"
                         f"{' under ' + repr(prefix) if prefix else ''}) in {first}")
     size = os.path.getsize(first)
-    alpha, how = _sat_alpha(path, alpha)
+    alpha, how = sat_alpha(path, alpha)
     scale_alpha = float(alpha)
     pairs = []
     for linear in sorted(found):
@@ -235,7 +235,7 @@ def sat_adapter(path: str, specs: Mapping[str, TensorSpec], prefix: str = "", ta
 SAT_LORA_CONFIG = "lora_config.json"  # {"r", "lora_alpha"} beside `latest` (what `convert --to sat-lora` writes)
 
 
-def _sat_alpha(path: str, alpha: Optional[float]) -> tuple[float, str]:
+def sat_alpha(path: str, alpha: Optional[float]) -> tuple[float, str]:
     """LoraMixin's lora_alpha: given (--lora-alpha, or the YAML's lora_config, which means LoraMixin's default 1
     when it names none), else the folder's lora_config.json. SAT saves it nowhere else, and a guess would merge
     with the wrong scale: without one of these the LoRA is refused."""
@@ -330,7 +330,7 @@ def describe_sat(path: str, tag: Optional[str] = None) -> list[str]:
     layers = sorted({int(m[1]) for k in found for m in [re.search(r"layers\.(\d+)\.", k)] if m})
     targets = sorted({re.sub(r"^.*layers\.\d+\.", "", k) for k in found})
     try:
-        alpha = f"lora_alpha {_sat_alpha(path, None)[0]:g} ({SAT_LORA_CONFIG})"
+        alpha = f"lora_alpha {sat_alpha(path, None)[0]:g} ({SAT_LORA_CONFIG})"
     except LoraError:
         alpha = "lora_alpha not saved (LoraMixin's default 1; pass --lora-alpha or the YAML's lora_config)"
     return [f"LoRA (SAT LoraMixin): rank {rank}, scale lora_alpha / r; {alpha}",
