@@ -183,6 +183,7 @@ def test_cogvideo_layout_unchanged_files(tmp_path):
     ({"transformer_args": {"layernorm_epsilno": 1e-6}}, "unknown option(s) ['layernorm_epsilno']"),
     ({"patch_size": [2, 2]}, "patch_size must be an int"),
     ({"pos_params": {"text_lenght": 226}}, "unknown option(s) ['text_lenght']"),
+    ({"hidden_size": 384, "pos_params": {"hidden_size_head": 8}}, "they are [2, 3, 3], which do not make 8 in even"),
 ])
 def test_bad_configs_are_named(tmp_path, params, needle):
     p = load_params("cogvideox_5b")

@@ -237,9 +237,11 @@ class DiTConfig:
             if hs != head_dim:
                 raise ConfigError(f"Rotary3DPositionEmbeddingMixin hidden_size_head={hs} but the attention head "
                                   f"dim is {head_dim}")
-            if hs // 4 + 2 * (hs // 8 * 3) != hs:
-                raise ConfigError(f"Rotary3D splits the head dim into t/h/w parts hs//4 + 2*(hs//8*3); that is "
-                                  f"not {hs} for hidden_size_head={hs} (use a multiple of 8)")
+            parts = (hs // 4, hs // 8 * 3, hs // 8 * 3)
+            if sum(parts) != hs or any(p % 2 for p in parts):  # each part rotates whole (x0, x1) pairs
+                raise ConfigError(f"Rotary3D splits the head dim into t/h/w parts hs//4, hs//8*3, hs//8*3 of "
+                                  f"rotated pairs; for hidden_size_head={hs} they are {list(parts)}, which do not "
+                                  f"make {hs} in even parts (use a multiple of 16: the releases' 64)")
         interp_keys = ("height_interpolation", "width_interpolation", "time_interpolation")
         if v1:  # the 1.0 DiT never passes its own *_interpolation to the position mixin
             ignored = [k for k in interp_keys if float(getattr(self, k)) != 1.0]
