@@ -12,6 +12,7 @@ reads it as alpha = r: scale 1, so a loader guessing alpha 6 or 1 fails); B16: B
    after every step |ours - ref| <= 1e-5 * max|ref|, frames (in [0, 1]) |ours - ref| <= 1e-4, as
    tests/test_engine.py. Each LoRA moves the oracle's frames by > 1e-3 from the base's (so the
    tolerances can tell). Worst seen (printed with -s): latents 1.5e-6 relative, frames 5.7e-6.
+   Also with sequence parallel: SP 2 merged and TP 2 x SP 2 unmerged give the oracle's frames.
 2. Switching, TP 2: a merged engine loaded with A, then set_loras B -> none -> A -> B16; an unmerged one
    A -> B -> none -> A. After each switch every rank's DiT state_dict digest (report.state_dict_digest)
    equals a fresh `load_model(root/transformer, tp=2, lora=..., lora_merge=...)`'s, and a sample equals
@@ -133,6 +134,23 @@ def test_matches_diffusers_with_loras_at_tp_1_and_2_merged_and_unmerged(files, b
                 assert err <= FRAME_TOL, (case, tp, merge, err)
     print(f"\n[engine+lora vs diffusers] {case}: worst so far latents {WORST['latents']:.1e} (rel), "
           f"frames {WORST['frames']:.1e} (abs)")
+
+
+def _sample_sp(rank, root, tp, sp, loras, merge):
+    engine = sat_dist.load_engine(root, tp=tp, sp=sp, vae_tiling=TILE, lora=loras, lora_merge=merge)
+    return _run(engine)[1]
+
+
+def test_with_sequence_parallel(files):
+    """The adapters under Ulysses SP (the tokens split, the weights and the low-rank path not): frames of
+    SP 2 (merged) and TP 2 x SP 2 (unmerged) equal diffusers' with the LoRA fused."""
+    root, out = files
+    loras = _loras(out, CASES["A@0.5"])
+    _, ref_frames = run_pipeline_with_loras(root, KIND, loras, PROMPT, STEPS, SEED, tiling=TILE)
+    for tp, sp, merge in ((1, 2, True), (2, 2, False)):
+        frames = values(run_ranks(tp * sp, _sample_sp, root, tp, sp, loras, merge))[0]
+        err = float(abs(frames - ref_frames).max())
+        assert err <= FRAME_TOL, (tp, sp, merge, err)
 
 
 # --- 2. switching ---------------------------------------------------------------------------------------------
