@@ -54,3 +54,19 @@ def run_sat_script(sat_venv: Path, script: Path, out: Path, nproc: int, what: st
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["sat_version"] == "0.4.12", manifest
     return manifest
+
+
+def assert_same_state_dict(got: dict, want: dict, where: str, note=lambda k: "") -> None:
+    """Keys, shapes, dtypes and values (torch.equal) of `got` against SAT's `want`; `note(k)` adds to an error."""
+    import torch  # (here, not at the top: conftest sets OMP_NUM_THREADS before anything imports torch)
+
+    assert sorted(got) == sorted(want), (
+        f"{where}: keys differ; missing {sorted(set(want) - set(got))}, unexpected {sorted(set(got) - set(want))}")
+    for k in sorted(want):
+        g, w = got[k], want[k]
+        assert tuple(g.shape) == tuple(w.shape), f"{where}: {k} shape {tuple(g.shape)} != SAT {tuple(w.shape)}"
+        assert g.dtype == w.dtype, f"{where}: {k} dtype {g.dtype} != SAT {w.dtype}"
+        if not torch.equal(g, w):
+            diff = (g.float() - w.float()).abs()
+            raise AssertionError(f"{where}: {k} differs from SAT's split: max |diff| {diff.max().item():.3g}, "
+                                 f"{int((diff > 0).sum())}/{diff.numel()} elements{note(k)}")

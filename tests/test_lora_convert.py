@@ -199,7 +199,7 @@ def test_exported_lora_loads_in_diffusers(tiny):
 
 
 def test_42_layer_lora(tmp_path, capsys):
-    params = tiny_params("5b", heads=1, head_dim=8, layers=42)
+    params = tiny_params("5b", heads=1, head_dim=16, layers=42)
     yaml_path = write_cogvideo_yaml(str(tmp_path / "model.yaml"), params)
     full = random_weights(shape_table(params), seed=5)
     factors = _factors(params, seed=6)

@@ -43,7 +43,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_sat_script
+from conftest import assert_same_state_dict, run_sat_script
 from sat_dist.testing.dist import run_ranks, values
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,16 +95,7 @@ def want_unmerged(exp: dict, tp: int, r: int) -> dict:
 
 
 def assert_state_dict(got: dict, want: dict, where: str) -> None:
-    assert sorted(got) == sorted(want), (
-        f"{where}: keys differ; missing {sorted(set(want) - set(got))}, unexpected {sorted(set(got) - set(want))}")
-    for k in sorted(want):
-        g, w = got[k], want[k]
-        assert tuple(g.shape) == tuple(w.shape), f"{where}: {k} shape {tuple(g.shape)} != SAT {tuple(w.shape)}"
-        assert g.dtype == w.dtype, f"{where}: {k} dtype {g.dtype} != SAT {w.dtype}"
-        if not torch.equal(g, w):
-            diff = (g.float() - w.float()).abs().max().item()
-            raise AssertionError(f"{where}: {k} differs from SAT: max |diff| {diff:.3g}"
-                                 f"{' (a merged LoRA weight)' if is_merged_weight(k) else ''}")
+    assert_same_state_dict(got, want, where, lambda k: " (a merged LoRA weight)" if is_merged_weight(k) else "")
 
 
 def assert_logits(got: list, want: list, where: str) -> None:

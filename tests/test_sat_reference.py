@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_sat_script
+from conftest import assert_same_state_dict, run_sat_script
 from sat_dist.testing.dist import run_ranks, values
 from sat_ref import configs as C
 
@@ -69,19 +69,6 @@ def digest(sd: dict) -> str:
         h.update(f"{name}|{list(t.shape)}|{str(t.dtype).removeprefix('torch.')}\n".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def assert_same_state_dict(got: dict, want: dict, where: str) -> None:
-    assert sorted(got) == sorted(want), (
-        f"{where}: keys differ; missing {sorted(set(want) - set(got))}, unexpected {sorted(set(got) - set(want))}")
-    for k in sorted(want):
-        g, w = got[k], want[k]
-        assert tuple(g.shape) == tuple(w.shape), f"{where}: {k} shape {tuple(g.shape)} != SAT {tuple(w.shape)}"
-        assert g.dtype == w.dtype, f"{where}: {k} dtype {g.dtype} != SAT {w.dtype}"
-        if not torch.equal(g, w):
-            diff = (g.float() - w.float()).abs()
-            raise AssertionError(f"{where}: {k} differs from SAT's split: max |diff| {diff.max().item():.3g}, "
-                                 f"{int((diff > 0).sum())}/{diff.numel()} elements")
 
 
 # --------------------------------------------------------------------------- the reference itself
