@@ -184,7 +184,7 @@ def _plan_component(rt: Runtime, cfg: LoadConfig, name: str):
         readers = pick_readers(cfg.readers, rt.launch.local_world_size)
         op_bytes = (cfg.staging_mib << 20) // staging_slots(readers)  # the staging budget, all buffers
         plan = make_plan(read_specs, rt.tp, rt.tp_rank, index, dtype, prefer, op_bytes)
-        plan = lsetup.extend(plan, index, prefer, op_bytes, dtype)
+        plan = lsetup.extend(plan, index, prefer, op_bytes)
         return model, specs, plan, lsetup
     except Exception as exc:
         if not name:

@@ -10,37 +10,26 @@ exactly as a merged load at TP=1) and cut into the wanted boxes. Peak memory: on
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections import defaultdict
 from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
-from ..errors import CheckpointError
 from ..index import CheckpointIndex, Piece
 from ..materialize import materialize
 from ..placement import REPLICATED, TensorSpec
 from ..plan import ReadPlan, make_plan
-from . import files, merge
-from .load import LoraSetup, lora_config, prepare as prepare_setup
+from . import merge
+from .load import LoraSetup, prepare as prepare_setup
 
 CPU = torch.device("cpu")
 
 
 def prepare(cfg, specs: Mapping[str, TensorSpec], prefix: str) -> Optional[LoraSetup]:
-    """The convert's adapters planned at TP=1, None when there are none (no --lora, not a LoraMixin fine-tune)."""
-    if not cfg.lora and lora_config(cfg.model) is None and not _finetune(cfg.checkpoint, prefix, cfg.tag):
-        return None
+    """The convert's adapters planned at TP=1 (lora/load.prepare: `--lora`, and a LoraMixin fine-tune source
+    itself), None when there are none."""
     setup = prepare_setup(cfg.model, cfg.checkpoint, cfg.tag, cfg.lora, True, cfg.lora_alpha, specs, prefix, 1, 0)
     return setup if setup.active else None
-
-
-def _finetune(path: Optional[str], prefix: str, tag: Optional[str]) -> bool:
-    """Whether `path` is a LoraMixin fine-tune; a SAT-looking folder without mp files (ZeRO-3) is not."""
-    try:
-        return bool(path) and os.path.isdir(path) and files.has_sat_lora(path, prefix, tag)
-    except CheckpointError:
-        return False
 
 
 def rekey(index: CheckpointIndex, setup: Optional[LoraSetup]) -> CheckpointIndex:

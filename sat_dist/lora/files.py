@@ -32,6 +32,7 @@ from ..formats import diffusers_map
 from ..formats import sat as sat_format
 from ..formats.safetensors_header import parse_json_object, read_header
 from ..formats.torchfile import load_structure, locate
+from ..index import StoredTensor
 from ..placement import Box, Fragment, TensorSpec
 
 Shape = tuple[int, ...]
@@ -66,6 +67,7 @@ class AdapterFile:
     alpha: str  # where the scale came from, for inspect and errors
     tag: Optional[str] = None  # SAT: the iteration folder
     in_checkpoint: bool = False  # SAT: the LoRA lives in the base checkpoint itself (a LoraMixin fine-tune)
+    stored: Optional[Mapping[str, StoredTensor]] = None  # PEFT: the header's tensors (read once, indexed from)
 
     @property
     def targets(self) -> list[str]:
@@ -156,7 +158,7 @@ def peft_adapter(path: str, specs: Mapping[str, TensorSpec]) -> AdapterFile:
         raise LoraError(f"{path} holds no LoRA tensors")
     how = (f"alpha {a0} / r {r0} from {PEFT_META}" if meta is not None
            else f"no {PEFT_META}: alpha = r (diffusers' rule), scale 1")
-    return AdapterFile(path, "peft", tuple(pairs), how)
+    return AdapterFile(path, "peft", tuple(pairs), how, stored=header.tensors)
 
 
 # --- SAT LoraMixin -------------------------------------------------------------------------------
@@ -178,11 +180,22 @@ def sat_adapter(path: str, specs: Mapping[str, TensorSpec], prefix: str = "", ta
                 expect_r: Optional[int] = None) -> AdapterFile:
     """The LoraMixin pairs of SAT checkpoint `path` (mp file 0's structure only)."""
     ckpt = sat_format.discover(path, tag)
-    first = ckpt.files[0]
-    obj = load_structure(first)
-    module = obj.get("module") if isinstance(obj, dict) else None
-    if not isinstance(module, dict):
+    first, module = _first_module(ckpt)
+    if module is None:
         raise LoraError(f"{first} has no 'module' state dict: not a SAT checkpoint")
+    return _sat_pairs(path, ckpt, module, specs, prefix, alpha, in_checkpoint, expect_r)
+
+
+def _first_module(ckpt) -> tuple[str, Optional[dict]]:
+    """mp file 0 of `ckpt` and its `module` state dict (structure only; None when it has none)."""
+    obj = load_structure(ckpt.files[0])
+    module = obj.get("module") if isinstance(obj, dict) else None
+    return ckpt.files[0], module if isinstance(module, dict) else None
+
+
+def _sat_pairs(path: str, ckpt, module: dict, specs: Mapping[str, TensorSpec], prefix: str,
+               alpha: Optional[float], in_checkpoint: bool, expect_r: Optional[int]) -> AdapterFile:
+    first = ckpt.files[0]
     found = sat_lora_keys(module, prefix)
     if not found:
         raise LoraError(f"{path}: no SAT LoRA tensors (<linear>.matrix_A.N / matrix_B.N"
@@ -256,17 +269,29 @@ def sat_alpha(path: str, alpha: Optional[float]) -> tuple[float, str]:
                     f"CogVideo YAML with model.modules.lora_config")
 
 
+def finetune_adapter(path: str, specs: Mapping[str, TensorSpec], prefix: str = "", tag: Optional[str] = None,
+                     alpha: Optional[float] = None, expect_r: Optional[int] = None) -> Optional[AdapterFile]:
+    """The LoRA of checkpoint `path` when it is a LoraMixin fine-tune (its first mp file holds matrix_A/B),
+    else None; mp file 0's structure is read once for both questions."""
+    found = _lora_module(path, prefix, tag)
+    return None if found is None else _sat_pairs(path, *found, specs, prefix, alpha, True, expect_r)
+
+
 def has_sat_lora(path: str, prefix: str = "", tag: Optional[str] = None) -> bool:
-    """Whether SAT checkpoint `path` is a LoraMixin fine-tune (its first mp file holds matrix_A/B)."""
-    if not sat_format.recognise(path, tag):
-        return False
+    """Whether checkpoint `path` is a LoraMixin fine-tune (its first mp file holds matrix_A/B)."""
+    return _lora_module(path, prefix, tag) is not None
+
+
+def _lora_module(path: str, prefix: str, tag: Optional[str]):
+    """(checkpoint, mp file 0's module) of a SAT checkpoint holding LoraMixin factors, else None."""
+    if not (os.path.isdir(path) and sat_format.recognise(path, tag)):
+        return None
     try:
         ckpt = sat_format.discover(path, tag)
     except CheckpointError:  # not SAT's layout (a DeepSpeed ZeRO-3 folder has `latest` but no mp files):
-        return False         # its own reader says what it holds
-    obj = load_structure(ckpt.files[0])
-    module = obj.get("module") if isinstance(obj, dict) else None
-    return isinstance(module, dict) and bool(sat_lora_keys(module, prefix))
+        return None          # its own reader says what it holds
+    _, module = _first_module(ckpt)
+    return None if module is None or not sat_lora_keys(module, prefix) else (ckpt, module)
 
 
 def open_adapter(path: str, specs: Mapping[str, TensorSpec], prefix: str = "", alpha: Optional[float] = None,

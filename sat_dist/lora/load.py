@@ -9,7 +9,6 @@ calls `apply` on the materialized tensors. The setup stays on the model (`STATE_
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
@@ -18,7 +17,6 @@ from torch import nn
 
 from ..errors import LoraError
 from ..formats import sat as sat_format
-from ..formats.safetensors_header import read_header
 from ..index import CheckpointIndex, Piece
 from ..placement import Replicate, TensorSpec
 from ..plan import ReadPlan, make_plan
@@ -48,14 +46,12 @@ class LoraSetup:
     stored: dict[str, str]  # model name -> name the base is read under (in-checkpoint SAT LoRA)
     external: list[tuple[dict[str, TensorSpec], CheckpointIndex]] = field(default_factory=list)
     dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # touched base -> the run's dtype
-    loras: list[tuple[str, float]] = field(default_factory=list)  # the external adapters, as given
     specs: dict[str, TensorSpec] = field(default_factory=dict)  # the model's (for switching)
     prefix: str = ""
     alpha: Optional[float] = None
     base_index: Optional[CheckpointIndex] = None  # kept for switching: re-read the touched rows only
     prefer: Sequence[str] = ()
     op_bytes: int = 64 << 20
-    base_dtype: Optional[torch.dtype] = None  # the load's --dtype (None: as stored)
     runtime: Any = None  # the group that loaded the model (set by the loader; switch agrees on it)
     timeout_s: float = 300.0
 
@@ -72,28 +68,25 @@ class LoraSetup:
                 out.update(mine)
         return out
 
-    def extend(self, plan: ReadPlan, index: CheckpointIndex, prefer: Sequence[str], op_bytes: int,
-               dtype: Optional[torch.dtype]) -> ReadPlan:
+    def extend(self, plan: ReadPlan, index: CheckpointIndex, prefer: Sequence[str], op_bytes: int) -> ReadPlan:
         """Add the external adapters' reads to `plan`; set the dtypes the merge needs: merging, the touched base
         tensors and the factors stay as stored (each goes to fp32 exactly, one tensor at a time, in
         merge.apply: the peak is one fp32 copy, not all of them); unmerged factors take the run's dtype."""
         self.base_index, self.prefer, self.op_bytes = index, tuple(prefer), op_bytes
-        self.base_dtype = dtype
         touched = {self.stored.get(n, n): n for n in self.plan.touched}
         for stored, name in touched.items():
             self.dtypes[name] = plan.targets[stored].dtype
-        for specs, idx in self.external:  # the factors' layouts are those of the base at its TP size
-            sub = make_plan(specs, self.tp, self.rank, idx, None, (), op_bytes)
-            plan.targets.update(sub.targets)
-            plan.ops.extend(sub.ops)
-        plan.ops.sort(key=lambda op: (op.file, op.first_byte))
-        for name, t in list(plan.targets.items()):
-            if self.merge and (name in touched or name in self.plan.lora_names()):
-                plan.targets[name] = dataclasses.replace(t, dtype=t.stored_dtype)
-            elif not self.merge and name in self.plan.lora_names():
-                run = next(self.dtypes[m.base] for m in self.plan.merges if name in (m.a, m.b))
-                plan.targets[name] = dataclasses.replace(t, dtype=run)
+        plan = join(plan, *self.external_plans())
+        if self.merge:
+            for name in set(touched) | self.plan.lora_names():
+                plan.targets[name] = dataclasses.replace(plan.targets[name], dtype=plan.targets[name].stored_dtype)
+        else:
+            unmerged_dtypes(plan, self.plan, self.dtypes)
         return plan
+
+    def external_plans(self) -> list[ReadPlan]:
+        """The reads of the adapters in their own files (their layouts are the base's at its TP size)."""
+        return [make_plan(specs, self.tp, self.rank, idx, None, (), self.op_bytes) for specs, idx in self.external]
 
     def base_only(self, plan: ReadPlan) -> ReadPlan:
         """`plan` without the reads of adapters in their own files (`--verify` checks the checkpoint's
@@ -109,12 +102,27 @@ class LoraSetup:
         setattr(model, STATE_ATTR, self)
 
 
-def _peft_index(adapter: files.AdapterFile, keys: Mapping[str, str], specs: Mapping[str, TensorSpec],
-                tp: int, rank: int) -> CheckpointIndex:
-    header = read_header(adapter.path)
+def join(plan: ReadPlan, *more: ReadPlan) -> ReadPlan:
+    """`plan` with the targets and ops of `more` (ops back in file order)."""
+    for sub in more:
+        plan.targets.update(sub.targets)
+        plan.ops.extend(sub.ops)
+    plan.ops.sort(key=lambda op: (op.file, op.first_byte))
+    return plan
+
+
+def unmerged_dtypes(plan: ReadPlan, lp: LoraPlan, dtypes: Mapping[str, torch.dtype]) -> None:
+    """Unmerged factors are read into the run's dtype of the layer they adapt."""
+    for m in lp.merges:
+        for n in (m.a, m.b):
+            plan.targets[n] = dataclasses.replace(plan.targets[n], dtype=dtypes[m.base])
+
+
+def _peft_index(adapter: files.AdapterFile, keys: Mapping[str, str], specs: Mapping[str, TensorSpec]
+                ) -> CheckpointIndex:
     idx = CheckpointIndex(root=adapter.path, format="lora")
-    for name, key in keys.items():
-        idx.add(Piece(name, header.tensors[key], tuple(Replicate().fragments(specs[name].global_shape))))
+    for name, key in keys.items():  # located by the header files.peft_adapter read
+        idx.add(Piece(name, adapter.stored[key], tuple(Replicate().fragments(specs[name].global_shape))))
     return idx
 
 
@@ -139,9 +147,8 @@ def prepare(model_cfg: Any, checkpoint: Optional[str], tag: Optional[str], loras
     if alpha is None and yaml_lora is not None:  # the YAML's LoraMixin: its lora_alpha, or LoraMixin's default 1
         alpha = yaml_lora.get("lora_alpha", 1.0)
     adapters, strengths, stored = [], [], {}
-    if checkpoint and os.path.isdir(checkpoint) and files.has_sat_lora(checkpoint, prefix, tag):
-        r = yaml_lora.get("r") if yaml_lora else None
-        a = files.sat_adapter(checkpoint, specs, prefix, tag, alpha, in_checkpoint=True, expect_r=r)
+    a = files.finetune_adapter(checkpoint, specs, prefix, tag, alpha, (yaml_lora or {}).get("r")) if checkpoint else None
+    if a is not None:
         adapters.append(a)
         strengths.append(1.0)
         stored = {k: v for k, v in in_checkpoint_names(a).items() if k in specs}
@@ -153,7 +160,7 @@ def prepare(model_cfg: Any, checkpoint: Optional[str], tag: Optional[str], loras
         strengths.append(strength)
     files.check_sequence(adapters)
     lp = plan_loras(adapters, strengths, specs, tp, rank, stored)
-    setup = LoraSetup(lp, merge_, tp, rank, stored, loras=list(loras), specs=dict(specs), prefix=prefix, alpha=alpha)
+    setup = LoraSetup(lp, merge_, tp, rank, stored, specs=dict(specs), prefix=prefix, alpha=alpha)
     setup.external = external_indices(lp, tp, rank, prefix)
     return setup
 
@@ -164,7 +171,7 @@ def external_indices(lp: LoraPlan, tp: int, rank: int, prefix: str) -> list[tupl
     for adapter, mine, keys in zip(lp.adapters, lp.specs, lp.keys):
         if adapter.in_checkpoint:
             continue
-        idx = (_peft_index(adapter, keys, mine, tp, rank) if adapter.format == "peft"
+        idx = (_peft_index(adapter, keys, mine) if adapter.format == "peft"
                else _sat_index(adapter, keys, mine, tp, rank, prefix))
         out.append((mine, idx))
     return out

@@ -26,7 +26,7 @@ from ..materialize import materialize, pick_readers
 from ..plan import ReadPlan, make_plan
 from ..runtime import Runtime
 from . import files, merge
-from .load import STATE_ATTR, LoraSetup, external_indices, state
+from .load import STATE_ATTR, LoraSetup, external_indices, join, state, unmerged_dtypes
 from .plan import plan_loras
 
 
@@ -49,29 +49,18 @@ def _plan(old: LoraSetup, model: nn.Module, loras: Sequence[tuple[str, float]]) 
     lp = plan_loras(adapters, strengths, old.specs, old.tp, old.rank, old.stored)
     # the run's dtype of every base tensor either set touches: the model's own
     dtypes = {n: model.get_parameter(n).dtype for n in old.plan.touched | lp.touched}
-    new = dataclasses.replace(old, plan=lp, loras=list(loras), dtypes=dtypes)
+    new = dataclasses.replace(old, plan=lp, dtypes=dtypes)
     new.external = external_indices(lp, old.tp, old.rank, old.prefix)
-    plan = ReadPlan(targets={})
+    parts = []
     if old.merge:  # the touched base rows, under the names they are stored with
-        touched = sorted(old.plan.touched | lp.touched)
-        specs = {old.stored.get(n, n): old.specs[n] for n in touched}
-        base = make_plan(specs, old.tp, old.rank, old.base_index, None, old.prefer, old.op_bytes)  # as stored
-        plan.targets.update(base.targets)
-        plan.ops += base.ops
+        specs = {old.stored.get(n, n): old.specs[n] for n in sorted(old.plan.touched | lp.touched)}
+        parts.append(make_plan(specs, old.tp, old.rank, old.base_index, None, old.prefer, old.op_bytes))  # as stored
     in_ckpt = {n: s for a, m in zip(lp.adapters, lp.specs) if a.in_checkpoint for n, s in m.items()}
     if in_ckpt:
-        sub = make_plan(in_ckpt, old.tp, old.rank, old.base_index, None, old.prefer, old.op_bytes)
-        plan.targets.update(sub.targets)
-        plan.ops += sub.ops
-    for specs, idx in new.external:
-        sub = make_plan(specs, old.tp, old.rank, idx, None, (), old.op_bytes)
-        plan.targets.update(sub.targets)
-        plan.ops += sub.ops
-    if not old.merge:  # unmerged factors in the run's dtype of their layer
-        for m in lp.merges:
-            for n in (m.a, m.b):
-                plan.targets[n] = dataclasses.replace(plan.targets[n], dtype=new.dtypes[m.base])
-    plan.ops.sort(key=lambda op: (op.file, op.first_byte))
+        parts.append(make_plan(in_ckpt, old.tp, old.rank, old.base_index, None, old.prefer, old.op_bytes))
+    plan = join(ReadPlan(targets={}), *parts, *new.external_plans())
+    if not old.merge:
+        unmerged_dtypes(plan, lp, new.dtypes)
     return new, plan
 
 
